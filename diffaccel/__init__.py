@@ -1,0 +1,21 @@
+"""diffaccel: make diffusers pipelines faster without retraining.
+
+    pipe = accelerate_pipeline(pipe, "tome", ratio=0.5)
+    print(describe(pipe))
+    remove_acceleration(pipe)
+"""
+
+from diffaccel.pipelines import UnsupportedModelError, supported_families
+
+from .api import accelerate_pipeline, remove_acceleration, reset
+from .describe import Description, describe
+from .methods import MethodConfig, SiToConfig, ToDoConfig, ToMeConfig, available_methods
+from .policy import Constant, Cosine, Linear, Piecewise, Policy, Rule, Selector, Window
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Constant", "Cosine", "Description", "Linear", "MethodConfig", "Piecewise", "Policy", "Rule", "Selector",
+    "SiToConfig", "ToDoConfig", "ToMeConfig", "UnsupportedModelError", "Window", "accelerate_pipeline",
+    "available_methods", "describe", "remove_acceleration", "reset", "supported_families",
+]

@@ -1,0 +1,225 @@
+"""The public verbs: accelerate_pipeline, remove_acceleration, describe."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffaccel.pipelines import (
+    DENOISER_ATTRS,
+    Adapter,
+    UnsupportedModelError,
+    adapter_for,
+    supported_families,
+)
+
+from .methods.base import MethodConfig, method_class
+from .runtime import RunClock, SiteHook, Tracker
+from .sites import Site
+
+STATE_ATTR = "_diffaccel"
+
+
+@dataclass
+class DenoiserState:
+    attr: str
+    model: torch.nn.Module
+    adapter: Adapter
+    sites: list[Site]
+    placements: dict[int, list[MethodConfig]]  # site index -> methods acting there
+    tracker: Tracker | None = None
+    hooks: list[SiteHook] = field(default_factory=list)
+    handles: list = field(default_factory=list)
+
+
+@dataclass
+class Installation:
+    methods: list[MethodConfig]
+    clock: RunClock
+    denoisers: list[DenoiserState]
+    pipe: Any = None
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def _config_from(obj: Any) -> MethodConfig:
+    if isinstance(obj, MethodConfig):
+        return obj
+    if isinstance(obj, str):
+        return method_class(obj)()
+    if isinstance(obj, dict):
+        d = dict(obj)
+        name = d.pop("method", None)
+        if name is None:
+            raise ValueError(f"a method dict needs a 'method' key naming the method, got {obj!r}")
+        return _replace(method_class(name)(), d)
+    raise TypeError(f"a method is a registered name, a config object, a dict or a list of them; "
+                    f"got {type(obj).__name__}")
+
+
+def _replace(cfg: MethodConfig, changes: dict) -> MethodConfig:
+    allowed = [f.name for f in dataclasses.fields(cfg)]
+    unknown = [k for k in changes if k not in allowed]
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r} for {cfg.name}; allowed: {allowed}")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
+    """Method spec + keyword overrides -> validated configs. Raises before anything is changed."""
+    items = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not items:
+        raise ValueError("no method given; available: " + ", ".join(_available()))
+    configs = [_config_from(m) for m in items]
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each method may be given once, got {names}")
+    for key, value in overrides.items():
+        owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
+        if not owners:
+            allowed = sorted({f.name for c in configs for f in dataclasses.fields(c)})
+            raise TypeError(f"unknown option {key!r} for {'/'.join(names)}; allowed: {allowed}")
+        if len(owners) > 1:
+            raise ValueError(f"option {key!r} fits several methods ({[names[i] for i in owners]}); "
+                             f"pass config objects instead")
+        configs[owners[0]] = _replace(configs[owners[0]], {key: value})
+    return configs
+
+
+def _available() -> list[str]:
+    from .methods.base import available_methods
+
+    return available_methods()
+
+
+# ---------------------------------------------------------------------------------------------
+# planning and installing
+
+
+def _denoisers(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
+    """The denoiser modules of a pipeline (or the module itself), and the pipeline (or None)."""
+    if isinstance(target, torch.nn.Module):
+        return [("model", target)], None
+    found = [(a, getattr(target, a, None)) for a in DENOISER_ATTRS]
+    found = [(a, m) for a, m in found if isinstance(m, torch.nn.Module)]
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(target).__name__} has no denoiser ({', '.join(DENOISER_ATTRS)}); pass a diffusers pipeline or "
+            f"its unet/transformer. Supported families: {', '.join(supported_families())}")
+    return found, target
+
+
+def _plan(model: torch.nn.Module, attr: str, configs: list[MethodConfig]) -> DenoiserState:
+    adapter = adapter_for(model)
+    sites = adapter.find_sites()
+    placements: dict[int, list[MethodConfig]] = {}
+    for site in sites:
+        here = [m for m in configs if m.unsupported(site) is None and m.effective_policy().selects(site)]
+        reducers = [m.name for m in here if m.reduces_tokens]
+        if len(reducers) > 1:
+            raise ValueError(f"{' and '.join(reducers)} would both reduce the tokens of {site.name}; "
+                             f"give them disjoint sites with their policies, or use one of them")
+        if here:
+            placements[site.index] = here
+    return DenoiserState(attr, model, adapter, sites, placements)
+
+
+def _warn_idle(configs: list[MethodConfig], states: list[DenoiserState]) -> None:
+    for m in configs:
+        if any(m in ms for st in states for ms in st.placements.values()):
+            continue
+        reasons = sorted({r for st in states for s in st.sites
+                          if m.effective_policy().selects(s) and (r := m.unsupported(s))})
+        levels = sorted({s.level for st in states for s in st.sites if m.unsupported(s) is None})
+        family = "/".join(dict.fromkeys(st.adapter.variant() for st in states))
+        why = "; ".join(reasons) if reasons else (
+            f"its policy selects no site it can act on (levels with such sites: {levels})")
+        warnings.warn(f"{m.name} acts on no site of this {family} model: {why}", UserWarning, stacklevel=3)
+
+
+def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
+    """Patch a diffusers pipeline (or a bare unet/transformer) in place with one or more methods.
+
+    `method` is a registered name ("tome", "todo", "sito"), a config object, a dict with a "method"
+    key, or a list of them to compose. Keyword overrides set config fields, e.g. ratio=0.6. For a bare
+    denoiser, `num_steps=` tells the step count that schedules are laid over. Returns `pipe`.
+    Nothing is changed when an error is raised.
+    """
+    num_steps = overrides.pop("num_steps", None)
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    configs = resolve_methods(method, overrides)
+    members, pipeline = _denoisers(pipe)
+    for target in [pipe] + [m for _, m in members]:
+        if getattr(target, STATE_ATTR, None) is not None:
+            raise RuntimeError("this pipeline is already accelerated; call remove_acceleration(pipe) first, "
+                               "or pass a list of methods to compose them")
+    states = [_plan(model, attr, configs) for attr, model in members]
+    _warn_idle(configs, states)
+
+    inst = Installation(configs, RunClock(num_steps), states, pipeline)
+    try:
+        for st in states:
+            _install(st, inst)
+        if pipeline is not None:
+            inst.clock.attach(pipeline)
+            setattr(pipeline, STATE_ATTR, inst)
+    except BaseException:
+        _uninstall(inst)
+        raise
+    return pipe
+
+
+def _install(st: DenoiserState, inst: Installation) -> None:
+    st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe)
+    st.handles.append(st.model.register_forward_pre_hook(st.tracker.pre_hook, with_kwargs=True))
+    st.handles.append(st.model.register_forward_hook(st.tracker.post_hook, with_kwargs=True))
+    for site in st.sites:
+        methods = st.placements.get(site.index)
+        if not methods:
+            continue
+        hook = SiteHook(site, st.tracker, methods)
+        st.hooks.append(hook)
+        st.handles.append(site.module.register_forward_pre_hook(hook.pre_hook, with_kwargs=True))
+        st.handles.append(site.module.register_forward_hook(hook.post_hook, with_kwargs=True))
+    setattr(st.model, STATE_ATTR, inst)
+
+
+def _uninstall(inst: Installation) -> None:
+    for st in inst.denoisers:
+        for h in st.handles:
+            h.remove()
+        st.handles.clear()
+        st.hooks.clear()
+        st.model.__dict__.pop(STATE_ATTR, None)
+    inst.clock.detach()
+    if inst.pipe is not None:
+        inst.pipe.__dict__.pop(STATE_ATTR, None)
+
+
+def installation(pipe: Any) -> Installation | None:
+    return getattr(pipe, STATE_ATTR, None)
+
+
+def remove_acceleration(pipe: Any) -> Any:
+    """Undo `accelerate_pipeline`: hooks and scheduler wrappers removed, outputs bit-identical to a
+    pipeline never patched. Attention processors were never replaced, so LoRA, IP-Adapter and custom
+    processors are exactly as they were. Returns `pipe`; a pipeline not accelerated is left as is."""
+    inst = installation(pipe)
+    if inst is not None:
+        _uninstall(inst)
+    return pipe
+
+
+def reset(pipe: Any, num_steps: int | None = None) -> None:
+    """Start a new run on an accelerated bare denoiser (pipelines reset themselves at every call)."""
+    inst = installation(pipe)
+    if inst is None:
+        raise RuntimeError("not accelerated: call accelerate_pipeline first")
+    inst.clock.new_run(num_steps)

@@ -1,0 +1,127 @@
+"""`diffaccel bench`: speed and fidelity of the methods side by side with the peers, in one run.
+
+Per denoiser call on a full-size architecture with random weights: each configuration runs on the
+same inputs; speed-up and relative error are against the unaccelerated baseline of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .metrics import relative_error, time_call
+
+ARCHS = ("sd15", "tiny-sd")
+
+
+def sd15_unet() -> torch.nn.Module:
+    """The SD 1.5 U-Net architecture (860M parameters), random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+
+
+def build_arch(name: str) -> torch.nn.Module:
+    if name == "sd15":
+        return sd15_unet()
+    from .tiny import sd1_unet
+
+    torch.manual_seed(0)
+    return sd1_unet().eval()  # "tiny-sd": the test-size U-Net, for smoke runs
+
+
+def _peer_tomesd(model, ratio: float):
+    import tomesd
+
+    tomesd.apply_patch(model, ratio=ratio)
+    return lambda: tomesd.remove_patch(model)
+
+
+def _ours(model, spec):
+    from . import accelerate_pipeline, remove_acceleration
+
+    accelerate_pipeline(model, spec)
+    return lambda: remove_acceleration(model)
+
+
+def configurations(ratio: float, factor: float) -> list[tuple[str, object]]:
+    """(label, installer) pairs; an installer patches the model and returns its remover."""
+    return [
+        ("baseline", None),
+        (f"tomesd ratio={ratio}", lambda m: _peer_tomesd(m, ratio)),
+        (f"diffaccel tome ratio={ratio}", lambda m: _ours(m, {"method": "tome", "ratio": ratio})),
+        (f"diffaccel sito ratio={ratio}", lambda m: _ours(m, {"method": "sito", "ratio": ratio})),
+        (f"diffaccel todo factor={factor}", lambda m: _ours(m, {"method": "todo", "factor": factor})),
+    ]
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_arch(args.arch)
+    cross = model.config.cross_attention_dim
+    results = []
+    for size in args.sizes:
+        lat = size // 8
+        gen = torch.Generator().manual_seed(0)
+        sample = torch.randn(args.batch, 4, lat, lat, generator=gen)
+        context = torch.randn(args.batch, 77, cross, generator=gen)
+        timestep = torch.tensor([args.timestep])
+        baseline_out = None
+        base_time = None
+        for label, install in configurations(args.ratio, args.factor):
+            if args.only and not any(o in label for o in args.only) and label != "baseline":
+                continue
+            remove = install(model) if install else None
+            try:
+                with torch.no_grad():
+                    inputs = (sample, timestep, context)
+                    t, out = time_call(lambda inputs=inputs: model(*inputs).sample, repeats=args.repeats,
+                                       warmup=args.warmup)
+            finally:
+                if remove:
+                    remove()
+            if baseline_out is None:
+                baseline_out, base_time = out, t
+            row = dict(size=size, batch=args.batch, config=label, seconds=t, speedup=base_time / t,
+                       rel_error=relative_error(out, baseline_out))
+            results.append(row)
+            print(f"{size:>5} {label:<32} {t:8.2f}s {row['speedup']:6.2f}x  rel.err {row['rel_error']:.4f}",
+                  flush=True)
+    return dict(
+        command="diffaccel bench " + " ".join(shlex.quote(a) for a in args.argv),
+        arch=args.arch, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), results=results)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    report = run_bench(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed-up and error of the methods and peers on a full-size architecture")
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--ratio", type=float, default=0.5, help="ToMe/SiTo ratio")
+    p.add_argument("--factor", type=float, default=2.0, help="ToDo factor")
+    p.add_argument("--timestep", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")
+    p.add_argument("--out", help="write the JSON report here")
+    p.set_defaults(func=cmd_bench, argv=sys.argv[2:])

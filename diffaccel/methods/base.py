@@ -1,0 +1,187 @@
+"""What every method provides, and the registry that maps names and config types to methods.
+
+A method is one frozen, validated config dataclass. Its fields are the method's whole public
+surface; `default_policy` turns them into a Policy (the paper's schedule), and `act` changes one
+sub-layer call on the sites and steps the policy selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..policy import Policy
+from ..sites import Site
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `accelerate_pipeline`."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[MethodConfig]:
+    if not isinstance(name, str):
+        raise TypeError(f"a method is a name, a config object or a list of them; got {type(name).__name__}")
+    cls = _REGISTRY.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
+    return cls
+
+
+class SiteCall:
+    """One call of a site's module, as methods rewrite it: its hidden states, its keyword arguments,
+    and the functions that turn the reduced output back into a full one."""
+
+    __slots__ = ("args", "kwargs", "restores", "keys_values", "reduced")
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = list(args), dict(kwargs)
+        self.restores: list = []
+        self.keys_values: int | None = None  # tokens keys/values come from, when a method changed them
+        self.reduced = False
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        if self.args:
+            self.args[0] = value
+        else:
+            self.kwargs["hidden_states"] = value
+
+
+def check_number(cls_name: str, field: str, value: Any, low: float, high: float, integer: bool = False,
+                 low_open: bool = False) -> None:
+    kind = "an int" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise TypeError(f"{cls_name}.{field} must be {kind}, got {value!r}")
+    bracket = "(" if low_open else "["
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        raise ValueError(f"{cls_name}.{field} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def check_choice(cls_name: str, field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_bool(cls_name: str, field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{cls_name}.{field} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config. `policy` (a Policy, its dict, or JSON) replaces the default
+    schedule; parameters a policy rule does not set come from the config's fields."""
+
+    name: ClassVar[str] = ""
+    # Order on a shared site: key/value rewrites (ToDo) before query reductions (ToMe, SiTo).
+    priority: ClassVar[int] = 0
+    # Whether the method changes which query tokens a sub-layer computes (at most one per site).
+    reduces_tokens: ClassVar[bool] = False
+    # Policy parameters the method reads, as name -> config field giving the default.
+    params: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        policy = self.policy
+        if isinstance(policy, str):
+            policy = Policy.from_json(policy)
+        elif isinstance(policy, dict):
+            policy = Policy.from_dict(policy)
+        elif policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"{type(self).__name__}.policy must be a Policy, a dict or JSON text, got {policy!r}")
+        object.__setattr__(self, "policy", policy)
+        if policy is not None:
+            unknown = policy.param_names() - set(self.params)
+            if unknown:
+                raise ValueError(f"policy sets {sorted(unknown)}, which {self.name} does not read; "
+                                 f"allowed: {list(self.params)}")
+            for rule in policy.rules:
+                for key, schedule in rule.params.items():
+                    for value in schedule.knots():
+                        self.check_param(key, value)
+        self.validate()
+
+    # -- to be provided by each method -------------------------------------------------------
+    def validate(self) -> None:
+        """Raise a clear error on bad field values."""
+
+    def check_param(self, key: str, value: float) -> None:
+        """Validate one scheduled parameter value (same bounds as the config field)."""
+        self.validate_field(key, value)
+
+    def validate_field(self, key: str, value: Any) -> None:
+        dataclasses.replace(self, **{key: value}, policy=None)
+
+    def default_policy(self) -> Policy:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def unsupported(self, site: Site) -> str | None:
+        """Why this method cannot act on a site (None when it can)."""
+        return None
+
+    def is_identity(self, params: dict) -> bool:
+        """Whether these parameters leave the sub-layer unchanged (zero strength)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- shared ------------------------------------------------------------------------------
+    def effective_policy(self) -> Policy:
+        return self.policy if self.policy is not None else self.default_policy()
+
+    def resolve(self, raw: dict | None) -> dict | None:
+        """Policy output completed with config defaults; None when the method is idle."""
+        if raw is None:
+            return None
+        params = {k: raw.get(k, getattr(self, k)) for k in self.params}
+        return None if self.is_identity(params) else params
+
+    def describe_params(self, params: dict | None) -> str:
+        if params is None:
+            return "-"
+        return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"}
+        d["policy"] = self.effective_policy().to_dict()
+        return {"method": self.name, **d}
+
+
+def grid_of(site: Site, ctx: Any, n_tokens: int) -> tuple[int, int, int] | None:
+    """The (frames, h, w) grid of a site's image tokens in this call, if it fits the token count."""
+    grid = site.grid(ctx.geometry)
+    if grid is None or grid[0] * grid[1] * grid[2] != n_tokens:
+        return None
+    return grid
+
+
+def cfg_rows(x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """Rows to select tokens from: the conditional half of a batched-CFG call (so both halves share
+    one selection), otherwise every row."""
+    if not ctx.cfg_batched:
+        return x
+    half = x.shape[0] // 2
+    return x[half:] if ctx.cond_half == "second" else x[:half]
+
+
+def site_generator(seed: int, step: int, site: Site) -> torch.Generator:
+    """A generator fixed by (seed, step, site): the same draws whatever the batch, call order or
+    earlier interruptions."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + site.index) % (2**63))

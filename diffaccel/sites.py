@@ -1,0 +1,57 @@
+"""Sites (places where a method acts) and token geometry (how a site's tokens lie on a grid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SITE_KINDS = ("self_attn", "cross_attn", "ff", "block")
+
+# How the tokens a site sees are laid out:
+#   "image": only image/video tokens, row-major over (frames, height, width)
+#   "joint": image/video tokens and text tokens in one sequence (SD3, Flux, CogVideoX, ...)
+#   "text":  only text tokens (context feed-forward of dual-stream blocks)
+#   "rope":  image/video tokens with rotary position embeddings passed to the processor
+SITE_LAYOUTS = ("image", "joint", "text", "rope")
+
+
+@dataclass(eq=False)
+class Site:
+    """One sub-layer (or block) of a denoiser that a method may act on."""
+
+    name: str  # module path inside the denoiser, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    kind: str  # one of SITE_KINDS
+    module: torch.nn.Module = field(repr=False)
+    block: str  # module path of the enclosing block
+    depth: int  # index of the enclosing block in execution order
+    downsample: int = 1  # token grid = base grid / downsample (U-Net resolution levels)
+    level: int = 0  # resolution level: 0 is the finest token grid that has sites
+    layout: str = "image"
+    index: int = 0  # position among all sites of the denoiser
+    note: str = ""  # why a site cannot host token methods, when it cannot
+
+    def grid(self, geometry: Geometry | None) -> tuple[int, int, int] | None:
+        """(frames, height, width) of this site's image tokens for the current call, or None."""
+        if geometry is None:
+            return None
+        h, w = geometry.height, geometry.width
+        d = self.downsample
+        while d > 1:  # stride-2 convolutions with padding 1: ceil(n / 2)
+            h, w, d = (h + 1) // 2, (w + 1) // 2, d // 2
+        return geometry.frames, h, w
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token geometry of one denoiser call, read from its inputs by the family adapter."""
+
+    frames: int
+    height: int  # token rows at downsample 1 (after patchify)
+    width: int
+    text_tokens: int = 0  # text tokens in joint sequences
+    text_first: bool = False  # joint order: [text, image] when True, [image, text] otherwise
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width

@@ -1,0 +1,114 @@
+"""What every family adapter provides: its sites, its token geometry per call, and its CFG layout."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from diffaccel.sites import Geometry, Site
+
+# How a family's pipelines run classifier-free guidance:
+#   "batched":   one call on [uncond, cond] rows (the conditional half is `cond_half`)
+#   "separate":  one call per branch (cond first, then uncond), or a single call without guidance
+#   "distilled": one call, guidance folded into the model
+CFG_LAYOUTS = ("batched", "separate", "distilled")
+
+
+def tensor_arg(args: tuple, kwargs: dict, name: str, position: int = 0) -> Any:
+    """An argument of a forward call, whether passed by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class Adapter:
+    """One model family. Subclasses set the class attributes and, where needed, override methods.
+
+    blocks: (path of a ModuleList of blocks, {child name: (site kind, token layout)}) pairs, in
+    execution order. token_methods: whether token merging/downsampling/pruning act on this family.
+    """
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    blocks: ClassVar[tuple[tuple[str, dict[str, tuple[str, str]]], ...]] = ()
+    cfg_layout: ClassVar[str] = "batched"
+    cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
+    input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
+    token_methods: ClassVar[bool] = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    def variant(self) -> str:
+        """The family as shown to users (e.g. SDXL rather than SD 1.x/2.x)."""
+        return self.family
+
+    def find_sites(self) -> list[Site]:
+        sites: list[Site] = []
+        depth = 0
+        for path, children in self.blocks:
+            blocks = self.model.get_submodule(path) if _has_submodule(self.model, path) else []
+            for i, block in enumerate(blocks):
+                for child, (kind, layout) in children.items():
+                    module = getattr(block, child, None)
+                    if isinstance(module, torch.nn.Module):
+                        sites.append(self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout))
+                depth += 1
+        return _number(sites)
+
+    def make_site(self, name: str, kind: str, module: torch.nn.Module, block: str, depth: int, layout: str,
+                  downsample: int = 1) -> Site:
+        if not self.token_methods:
+            note = f"token methods not enabled for {self.family}"
+        else:
+            note = {"image": "", "text": "text tokens only"}.get(layout, f"{layout} token layout")
+        return Site(name=name, kind=kind, module=module, block=block, depth=depth, downsample=downsample,
+                    layout=layout, note=note)
+
+    def geometry(self, args: tuple, kwargs: dict) -> tuple[Geometry | None, int]:
+        """(token geometry, batch size) of one denoiser call."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def patch_grid(self, x: torch.Tensor, frames_dim: int | None, text_tokens: int = 0,
+                   text_first: bool = False) -> Geometry:
+        """Geometry of a latent (B, C, H, W) or video latent, divided by the model's patch sizes."""
+        cfg = self.model.config
+        p = cfg.get("patch_size", 1) or 1
+        if isinstance(p, (tuple, list)):
+            pt, ph, pw = p
+        else:
+            pt, ph, pw = (cfg.get("patch_size_t", 1) or 1), p, p
+        frames = x.shape[frames_dim] // pt if frames_dim is not None else 1
+        return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first)
+
+    def is_cfg_batched(self, pipe: Any, args: tuple, kwargs: dict, batch: int) -> bool:
+        """Whether this call carries batched [uncond, cond] rows."""
+        if self.cfg_layout != "batched" or pipe is None or batch % 2:
+            return False
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except (AttributeError, TypeError):
+            pass
+        # Pipelines without that property (PixArt) batch CFG as cat([latents] * 2): equal halves.
+        # The tracker asks once per pipeline call, so this comparison is no per-step sync.
+        x = tensor_arg(args, kwargs, self.input_name)
+        return isinstance(x, torch.Tensor) and torch.equal(x[: batch // 2], x[batch // 2:])
+
+
+def _has_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _number(sites: list[Site]) -> list[Site]:
+    for i, s in enumerate(sites):
+        s.index = i
+    return sites

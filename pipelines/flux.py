@@ -1,0 +1,38 @@
+"""Flux: dual-stream blocks (joint [text, image] attention with RoPE) then single-stream blocks."""
+
+from __future__ import annotations
+
+from diffaccel.sites import Geometry
+
+from .base import Adapter, tensor_arg
+
+
+class FluxAdapter(Adapter):
+    family = "Flux"
+    model_classes = ("FluxTransformer2DModel",)
+    cfg_layout = "separate"  # true CFG runs cond then uncond; guidance-distilled runs one call
+    blocks = (
+        ("transformer_blocks", {"attn": ("self_attn", "joint"), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
+        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint")}),
+    )
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._ids_key = None
+        self._ids_grid = None
+
+    def geometry(self, args, kwargs):
+        x = tensor_arg(args, kwargs, "hidden_states")
+        text = tensor_arg(args, kwargs, "encoder_hidden_states", 1)
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            return None, x.shape[0]
+        if ids.ndim == 3:
+            ids = ids[0]
+        # Packed latents carry their grid only in the position ids: read it once per distinct ids tensor.
+        key = (ids.data_ptr(), tuple(ids.shape))
+        if key != self._ids_key:
+            rows, cols = (ids[:, 1:3].amax(dim=0) + 1).tolist()
+            self._ids_key, self._ids_grid = key, (int(rows), int(cols))
+        h, w = self._ids_grid
+        return Geometry(1, h, w, text.shape[1] if text is not None else 0, True), x.shape[0]

@@ -1,0 +1,59 @@
+import json
+from pathlib import Path
+
+import torch
+
+from diffaccel import accelerate_pipeline, describe
+from diffaccel.cli import _method_arg, main
+from diffaccel.support import MARK_BEGIN, MARK_END, support_table
+from diffaccel.tiny import default_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_pretrained_safetensors_round_trip(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = default_pipeline()
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    files = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(f.endswith(".safetensors") for f in files) and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, use_safetensors=True, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    outs = []
+    for p in (pipe, loaded):
+        accelerate_pipeline(p, "tome")
+        with torch.no_grad():
+            outs.append(p("a blue square", num_inference_steps=2, height=128, width=128, output_type="pt",
+                          generator=torch.Generator().manual_seed(0)).images)
+        assert describe(p)["denoisers"][0]["sites"][0]["last_run"]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_main_job_prints_speedup_and_fidelity(capsys):
+    assert main(["run", "--size", "128", "--steps", "2", "--methods", "tome", "todo:factor=2,mode=avg"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "PSNR" in out
+    assert "tome" in out and "todo:factor=2,mode=avg" in out
+
+
+def test_method_arg_parsing():
+    assert _method_arg("tome") == "tome"
+    assert _method_arg("tome:ratio=0.6,use_rand=false") == {"method": "tome", "ratio": 0.6, "use_rand": False}
+    assert _method_arg("todo:mode=max") == {"method": "todo", "mode": "max"}
+
+
+def test_bench_smoke_writes_a_report(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", "--arch", "tiny-sd", "--sizes", "256", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    labels = [r["config"] for r in rep["results"]]
+    assert labels[0] == "baseline" and any(lbl.startswith("tomesd") for lbl in labels)
+    assert all(r["rel_error"] >= 0 for r in rep["results"]) and rep["results"][0]["rel_error"] == 0
+
+
+def test_readme_support_table_matches_the_code():
+    text = (ROOT / "README.md").read_text()
+    table = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip()
+    assert table == support_table()

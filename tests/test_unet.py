@@ -1,0 +1,138 @@
+"""U-Net specifics: sites by real token resolution, warnings, processors kept, options."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from diffaccel import Policy, Rule, Selector, ToMeConfig, accelerate_pipeline, describe, remove_acceleration
+from diffaccel.api import installation
+
+
+def _acting(pipe):
+    return {h.site.name for st in installation(pipe).denoisers for h in st.hooks}
+
+
+def test_sdxl_defaults_act_at_its_finest_attention_level(make_case):
+    case = make_case("sdxl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        accelerate_pipeline(case.pipe, "tome")
+    sites = installation(case.pipe).denoisers[0].sites
+    # SDXL has no transformer at full latent resolution: level 0 is the 1/2 level (down_blocks.1)
+    assert {s.downsample for s in sites if s.level == 0} == {2}
+    acting = _acting(case.pipe)
+    by_name = {s.name: s for s in sites}
+    assert acting and all(n.endswith(".attn1") and by_name[n].downsample == 2 for n in acting)
+    assert any(n.startswith("down_blocks.1.") for n in acting) and any(n.startswith("up_blocks.0.") for n in acting)
+
+
+def test_sd1_levels_and_depth_follow_execution_order(make_case):
+    case = make_case("sd1")
+    accelerate_pipeline(case.pipe, "todo")
+    sites = installation(case.pipe).denoisers[0].sites
+    by_block = {}
+    for s in sites:
+        by_block.setdefault(s.block, (s.depth, s.level))
+    order = [b.split(".")[0] for b, _ in sorted(by_block.items(), key=lambda kv: kv[1][0])]
+    assert order == ["down_blocks", "mid_block", "up_blocks", "up_blocks"]
+    assert by_block["mid_block.attentions.0.transformer_blocks.0"][1] == 1
+    case.run()
+    grids = {s["name"]: s["grid"] for s in describe(case.pipe)["denoisers"][0]["sites"]}
+    assert grids["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [1, 32, 32]
+    assert grids["mid_block.attentions.0.transformer_blocks.0.attn1"] == [1, 16, 16]
+
+
+def test_non_square_and_odd_latents(make_case):
+    case = make_case("sd1")
+    accelerate_pipeline(case.pipe, "tome")
+    emb = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        out = case.pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=200, width=136, num_inference_steps=2,
+                        output_type="latent").images
+    assert out.shape[-2:] == (25, 17)
+    done = describe(case.pipe)["denoisers"][0]["sites"]
+    top = next(s for s in done if s["name"].endswith("down_blocks.0.attentions.0.transformer_blocks.0.attn1"))
+    assert top["grid"] == [1, 25, 17]
+    assert all(v["computed"] == 425 - int(0.5 * 425) for v in top["last_run"].values())
+
+
+def test_a_setting_that_acts_nowhere_warns(make_case):
+    case = make_case("sd1")
+    pol = Policy((Rule(Selector(level=5), {"ratio": 0.5}),))
+    with pytest.warns(UserWarning, match=r"tome acts on no site of this SD 1.x model: its policy selects no site"):
+        accelerate_pipeline(case.pipe, ToMeConfig(policy=pol))
+
+
+def test_cross_attention_and_mlp_merging_options(make_case):
+    case = make_case("sd1")
+    base = case.run()
+    accelerate_pipeline(case.pipe, "tome", merge_crossattn=True, merge_mlp=True, max_downsample=2)
+    acting = _acting(case.pipe)
+    assert {n.rsplit(".", 1)[1] for n in acting} == {"attn1", "attn2", "ff"}
+    assert any(n.startswith("mid_block") for n in acting)
+    assert not torch.equal(case.run(), base)
+
+
+def test_custom_and_classic_processors_keep_working_and_are_restored(make_case):
+    case = make_case("sd1")
+    unet = case.pipe.unet
+    calls = []
+
+    class Recording(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(hidden_states.shape[1])
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    procs = {name: (Recording() if "attn1" in name else AttnProcessor()) for name in unet.attn_processors}
+    unet.set_attn_processor(procs)
+    before = dict(unet.attn_processors)
+    base = case.run()
+    accelerate_pipeline(case.pipe, "tome")
+    calls.clear()
+    out = case.run()
+    assert 512 in calls and 1024 not in calls  # the custom processor ran on merged tokens at level 0
+    assert not torch.equal(out, base)
+    remove_acceleration(case.pipe)
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+    assert torch.equal(case.run(), base)
+
+
+def test_todo_keeps_queries_and_pools_keys(make_case):
+    case = make_case("sd1")
+    accelerate_pipeline(case.pipe, "todo", factor=2, mode="avg")
+    case.run()
+    sites = describe(case.pipe)["denoisers"][0]["sites"]
+    top = [s for s in sites if s["last_run"]]
+    assert top and all(v == {"tokens": 1024, "computed": 1024, "keys_values": 256}
+                       for s in top for v in s["last_run"].values())
+
+
+def test_todo_window_limits_the_steps(make_case):
+    case = make_case("sd1")
+    accelerate_pipeline(case.pipe, "todo", start=0.0, end=0.5)
+    case.run(steps=4)
+    site = next(s for s in describe(case.pipe)["denoisers"][0]["sites"] if s["last_run"])
+    assert sorted(site["last_run"]) == [0, 1]
+
+
+def test_bare_denoiser_with_num_steps(make_case):
+    unet = make_case("sd1").pipe.unet
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        base = unet(x, t, ctx).sample
+        accelerate_pipeline(unet, "tome", num_steps=10)
+        out = unet(x, t, ctx).sample
+        remove_acceleration(unet)
+        again = unet(x, t, ctx).sample
+    assert not torch.equal(out, base) and torch.equal(again, base)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs CUDA")
+def test_xformers_processor_is_wrapped(make_case):  # pragma: no cover - GPU only
+    case = make_case("sd1")
+    case.pipe.to("cuda")
+    case.pipe.enable_xformers_memory_efficient_attention()
+    accelerate_pipeline(case.pipe, "tome")
+    assert torch.isfinite(case.run()).all()
