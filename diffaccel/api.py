@@ -18,7 +18,7 @@ from diffaccel.pipelines import (
 )
 
 from .methods.base import MethodConfig, method_class
-from .runtime import RunClock, SiteHook, Tracker
+from .runtime import BlockInputHook, RunClock, SiteHook, Tracker
 from .sites import Site
 
 STATE_ATTR = "_diffaccel"
@@ -180,6 +180,7 @@ def _install(st: DenoiserState, inst: Installation) -> None:
     st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe)
     st.handles.append(st.model.register_forward_pre_hook(st.tracker.pre_hook, with_kwargs=True))
     st.handles.append(st.model.register_forward_hook(st.tracker.post_hook, with_kwargs=True))
+    blocks = set()
     for site in st.sites:
         methods = st.placements.get(site.index)
         if not methods:
@@ -188,6 +189,13 @@ def _install(st: DenoiserState, inst: Installation) -> None:
         st.hooks.append(hook)
         st.handles.append(site.module.register_forward_pre_hook(hook.pre_hook, with_kwargs=True))
         st.handles.append(site.module.register_forward_hook(hook.post_hook, with_kwargs=True))
+        if any(m.needs_block_input() for m in methods):
+            blocks.add(site.block)
+    for name in sorted(blocks):
+        block_hook = BlockInputHook(name, st.tracker)
+        block = st.model.get_submodule(name)
+        st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
+        st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
     setattr(st.model, STATE_ATTR, inst)
 
 

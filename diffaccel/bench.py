@@ -10,13 +10,14 @@ import argparse
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .metrics import relative_error, time_call
+from .metrics import relative_error
 
 ARCHS = ("sd15", "tiny-sd")
 
@@ -72,30 +73,34 @@ def run_bench(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         lat = size // 8
         gen = torch.Generator().manual_seed(0)
-        sample = torch.randn(args.batch, 4, lat, lat, generator=gen)
-        context = torch.randn(args.batch, 77, cross, generator=gen)
-        timestep = torch.tensor([args.timestep])
-        baseline_out = None
-        base_time = None
+        # one input per timed run (different noise and timestep), so the error is an average
+        inputs = [(torch.randn(args.batch, 4, lat, lat, generator=gen), torch.tensor([args.timestep + 97 * i]),
+                   torch.randn(args.batch, 77, cross, generator=gen)) for i in range(args.repeats)]
+        baseline, base_time = None, None
         for label, install in configurations(args.ratio, args.factor):
             if args.only and not any(o in label for o in args.only) and label != "baseline":
                 continue
             remove = install(model) if install else None
             try:
                 with torch.no_grad():
-                    inputs = (sample, timestep, context)
-                    t, out = time_call(lambda inputs=inputs: model(*inputs).sample, repeats=args.repeats,
-                                       warmup=args.warmup)
+                    for _ in range(args.warmup):
+                        model(*inputs[0])
+                    times, outs = [], []
+                    for inp in inputs:
+                        t0 = time.perf_counter()
+                        outs.append(model(*inp).sample)
+                        times.append(time.perf_counter() - t0)
             finally:
                 if remove:
                     remove()
-            if baseline_out is None:
-                baseline_out, base_time = out, t
-            row = dict(size=size, batch=args.batch, config=label, seconds=t, speedup=base_time / t,
-                       rel_error=relative_error(out, baseline_out))
+            t = statistics.median(times)
+            if baseline is None:
+                baseline, base_time = outs, t
+            err = statistics.mean(relative_error(o, b) for o, b in zip(outs, baseline))
+            row = dict(size=size, batch=args.batch, config=label, seconds=t, speedup=base_time / t, rel_error=err,
+                       runs=len(times))
             results.append(row)
-            print(f"{size:>5} {label:<32} {t:8.2f}s {row['speedup']:6.2f}x  rel.err {row['rel_error']:.4f}",
-                  flush=True)
+            print(f"{size:>5} {label:<32} {t:8.2f}s {row['speedup']:6.2f}x  rel.err {err:.4f}", flush=True)
     return dict(
         command="diffaccel bench " + " ".join(shlex.quote(a) for a in args.argv),
         arch=args.arch, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
@@ -119,7 +124,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe/SiTo ratio")
     p.add_argument("--factor", type=float, default=2.0, help="ToDo factor")
     p.add_argument("--timestep", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs, each on its own input")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")

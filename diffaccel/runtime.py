@@ -115,6 +115,8 @@ class Context:
     batch: int
     geometry: Geometry | None
     log: dict = field(repr=False, default_factory=dict)
+    block_inputs: dict = field(repr=False, default_factory=dict)  # block path -> its hidden-state input
+    shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
 
 
 class Tracker:
@@ -131,6 +133,7 @@ class Tracker:
         self._log_run = -1
         self._cfg_run: tuple[int, int] | None = None
         self._cfg_batched = False
+        self.block_inputs: dict[str, torch.Tensor] = {}
 
     def pre_hook(self, module, args, kwargs):
         clock = self.clock
@@ -155,13 +158,30 @@ class Tracker:
             self.log, self._log_run = {}, clock.run
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
-                           self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}))
+                           self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
+                           self.block_inputs)
         clock.calls_in_step += 1
         return None
 
     def post_hook(self, module, args, kwargs, output):
         self.last, self.ctx = self.ctx, None
+        self.block_inputs.clear()
         return None
+
+
+class BlockInputHook:
+    """Records a block's hidden-state input for the methods that measure similarity on it."""
+
+    def __init__(self, name: str, tracker: Tracker):
+        self.name = name
+        self.tracker = tracker
+
+    def pre_hook(self, module, args, kwargs):
+        if self.tracker.ctx is not None:
+            self.tracker.block_inputs[self.name] = args[0] if args else kwargs.get("hidden_states")
+
+    def post_hook(self, module, args, kwargs, output):
+        self.tracker.block_inputs.pop(self.name, None)
 
 
 class SiteHook:

@@ -112,3 +112,28 @@ def test_pool_tokens_values():
     assert pool_tokens(x, 1, 4, 4, 2, "max").flatten().tolist() == [5.0, 7.0, 13.0, 15.0]
     with pytest.raises(ValueError, match="nearest"):
         pool_tokens(x, 1, 4, 4, 2, "bilinear")
+
+
+@pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True}, {"ratio": 0.7}])
+def test_tome_on_a_unet_agrees_with_tomesd(options):
+    """Whole U-Net, fixed destinations: ToMe through hooks equals tomesd's patched blocks."""
+    import tomesd
+
+    from diffaccel import accelerate_pipeline, remove_acceleration
+    from diffaccel.tiny import sd1_unet
+
+    torch.manual_seed(0)
+    unet = sd1_unet().eval()
+    x, t, ctx = torch.randn(2, 4, 32, 32), torch.tensor([300]), torch.randn(2, 8, 32)
+    ratio = options.get("ratio", 0.5)
+    extra = {k: v for k, v in options.items() if k != "ratio"}
+    with torch.no_grad():
+        base = unet(x, t, ctx).sample
+        tomesd.apply_patch(unet, ratio=ratio, use_rand=False, **extra)
+        ref = unet(x, t, ctx).sample
+        tomesd.remove_patch(unet)
+        accelerate_pipeline(unet, "tome", ratio=ratio, use_rand=False, **extra)
+        ours = unet(x, t, ctx).sample
+        remove_acceleration(unet)
+    assert (ref - base).abs().max() > 1e-2  # merging did change the output
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)

@@ -135,6 +135,10 @@ class MethodConfig:
         """Why this method cannot act on a site (None when it can)."""
         return None
 
+    def needs_block_input(self) -> bool:
+        """Whether the method reads the enclosing block's input (the runtime then records it)."""
+        return getattr(self, "metric", None) == "block"
+
     def is_identity(self, params: dict) -> bool:
         """Whether these parameters leave the sub-layer unchanged (zero strength)."""
         raise NotImplementedError  # pragma: no cover - abstract
@@ -181,7 +185,28 @@ def cfg_rows(x: torch.Tensor, ctx: Any) -> torch.Tensor:
     return x[half:] if ctx.cond_half == "second" else x[:half]
 
 
-def site_generator(seed: int, step: int, site: Site) -> torch.Generator:
-    """A generator fixed by (seed, step, site): the same draws whatever the batch, call order or
-    earlier interruptions."""
-    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + site.index) % (2**63))
+def block_generator(seed: int, step: int, site: Site) -> torch.Generator:
+    """A generator fixed by (seed, step, block): the same draws whatever the batch, call order or
+    earlier interruptions, and shared by the sub-layers of one block."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + site.depth) % (2**63))
+
+
+def reduction_metric(method: MethodConfig, site: Site, ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    """What token similarity is measured on: the enclosing block's input (ToMeSD's and SiTo's
+    choice, metric="block") when it has the sub-layer's tokens, else the sub-layer's own input."""
+    if getattr(method, "metric", "hidden") == "block":
+        block_input = ctx.block_inputs.get(site.block)
+        if block_input is not None and block_input.shape[:2] == x.shape[:2]:
+            return block_input
+    return x
+
+
+def shared_reduction(method: MethodConfig, site: Site, ctx: Any, r: int, build) -> Any:
+    """One reduction per block and call for the sub-layers that share a metric (as ToMeSD merges
+    attention, cross-attention and MLP of a block with one matching)."""
+    key = (method.name, site.block, r)
+    if getattr(method, "metric", "hidden") != "block" or site.block not in ctx.block_inputs:
+        return build()
+    if key not in ctx.shared:
+        ctx.shared[key] = build()
+    return ctx.shared[key]

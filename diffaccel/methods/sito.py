@@ -16,21 +16,25 @@ from ..tokens import similarity_pruning_2d
 from .base import (
     MethodConfig,
     SiteCall,
+    block_generator,
     cfg_rows,
     check_bool,
+    check_choice,
     check_number,
     grid_of,
+    reduction_metric,
     register,
-    site_generator,
+    shared_reduction,
 )
-from .tome import merge_kinds, reduction_unsupported
+from .tome import METRICS, merge_kinds, reduction_unsupported
 
 
 @register
 @dataclass(frozen=True)
 class SiToConfig(MethodConfig):
     """ratio: fraction of a site's tokens pruned (at most 1 - 1/(sx*sy)); noise: standard deviation
-    of the Gaussian noise on the similarity score (varies the base tokens across steps)."""
+    of the Gaussian noise on the similarity score (varies the base tokens across steps).
+    metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden")."""
 
     ratio: float = 0.5
     sx: int = 2
@@ -41,6 +45,7 @@ class SiToConfig(MethodConfig):
     prune_attn: bool = True
     prune_crossattn: bool = False
     prune_mlp: bool = False
+    metric: str = "block"
     policy: Policy | dict | str | None = None
 
     name = "sito"
@@ -58,6 +63,7 @@ class SiToConfig(MethodConfig):
         check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
         for f in ("prune_attn", "prune_crossattn", "prune_mlp"):
             check_bool(n, f, getattr(self, f))
+        check_choice(n, "metric", self.metric, METRICS)
 
     def default_policy(self) -> Policy:
         kinds = merge_kinds(self.prune_attn, self.prune_crossattn, self.prune_mlp)
@@ -76,9 +82,13 @@ class SiToConfig(MethodConfig):
             return
         _, h, w = grid
         r = int(params["ratio"] * x.shape[1])
-        gen = site_generator(self.seed, ctx.step, site) if self.noise else None
-        reduction = similarity_pruning_2d(cfg_rows(x, ctx), h, w, self.sx, self.sy, r, self.noise, gen)
-        reduction = reduction.expand(x.shape[0])
+        metric = reduction_metric(self, site, ctx, x)
+
+        def build():
+            gen = block_generator(self.seed, ctx.step, site) if self.noise else None
+            return similarity_pruning_2d(cfg_rows(metric, ctx), h, w, self.sx, self.sy, r, self.noise, gen)
+
+        reduction = shared_reduction(self, site, ctx, r, build).expand(x.shape[0])
         call.hidden = reduction.reduce(x, "drop")
         call.restores.append(reduction.restore)
         call.reduced = True

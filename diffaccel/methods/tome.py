@@ -17,13 +17,18 @@ from ..tokens import bipartite_soft_matching_2d, random_destinations
 from .base import (
     MethodConfig,
     SiteCall,
+    block_generator,
     cfg_rows,
     check_bool,
+    check_choice,
     check_number,
     grid_of,
+    reduction_metric,
     register,
-    site_generator,
+    shared_reduction,
 )
+
+METRICS = ("block", "hidden")
 
 
 def merge_kinds(attn: bool, crossattn: bool, mlp: bool) -> tuple[str, ...]:
@@ -42,7 +47,9 @@ def reduction_unsupported(site: Site) -> str | None:
 @dataclass(frozen=True)
 class ToMeConfig(MethodConfig):
     """ratio: fraction of a site's tokens merged away (at most 1 - 1/(sx*sy): one token per cell stays).
-    max_downsample: how many resolution levels, from the finest, are merged."""
+    max_downsample: how many resolution levels, from the finest, are merged.
+    metric: similarity measured on the block's input ("block", as ToMeSD: one matching per block
+    shared by its merged sub-layers) or on each sub-layer's own input ("hidden")."""
 
     ratio: float = 0.5
     sx: int = 2
@@ -53,6 +60,7 @@ class ToMeConfig(MethodConfig):
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    metric: str = "block"
     policy: Policy | dict | str | None = None
 
     name = "tome"
@@ -69,6 +77,7 @@ class ToMeConfig(MethodConfig):
         check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
         for f in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(n, f, getattr(self, f))
+        check_choice(n, "metric", self.metric, METRICS)
 
     def default_policy(self) -> Policy:
         kinds = merge_kinds(self.merge_attn, self.merge_crossattn, self.merge_mlp)
@@ -87,10 +96,14 @@ class ToMeConfig(MethodConfig):
             return
         _, h, w = grid
         r = int(params["ratio"] * x.shape[1])
-        gen = site_generator(self.seed, ctx.step, site) if self.use_rand else None
-        choice = random_destinations(h, w, self.sx, self.sy, gen, x.device)
-        reduction = bipartite_soft_matching_2d(cfg_rows(x, ctx), h, w, self.sx, self.sy, r, choice)
-        reduction = reduction.expand(x.shape[0])
+        metric = reduction_metric(self, site, ctx, x)
+
+        def build():
+            gen = block_generator(self.seed, ctx.step, site) if self.use_rand else None
+            choice = random_destinations(h, w, self.sx, self.sy, gen, x.device)
+            return bipartite_soft_matching_2d(cfg_rows(metric, ctx), h, w, self.sx, self.sy, r, choice)
+
+        reduction = shared_reduction(self, site, ctx, r, build).expand(x.shape[0])
         call.hidden = reduction.reduce(x, "mean")
         call.restores.append(reduction.restore)
         call.reduced = True
