@@ -17,7 +17,7 @@ from diffaccel.pipelines import (
     supported_families,
 )
 
-from .methods.base import MethodConfig, method_class
+from .methods.base import MethodConfig, available_methods, method_class
 from .runtime import BlockInputHook, RunClock, SiteHook, Tracker
 from .sites import Site
 
@@ -75,7 +75,7 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
     """Method spec + keyword overrides -> validated configs. Raises before anything is changed."""
     items = list(method) if isinstance(method, (list, tuple)) else [method]
     if not items:
-        raise ValueError("no method given; available: " + ", ".join(_available()))
+        raise ValueError("no method given; available: " + ", ".join(available_methods()))
     configs = [_config_from(m) for m in items]
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
@@ -90,12 +90,6 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
                              f"pass config objects instead")
         configs[owners[0]] = _replace(configs[owners[0]], {key: value})
     return configs
-
-
-def _available() -> list[str]:
-    from .methods.base import available_methods
-
-    return available_methods()
 
 
 # ---------------------------------------------------------------------------------------------

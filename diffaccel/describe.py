@@ -97,9 +97,7 @@ def render_table(d: dict) -> str:
             for n in names:
                 e = row["methods"][n]
                 if e["acts"]:
-                    cfg = next(m for m in d["methods"] if m["method"] == n)
-                    fmt = [_fmt(p) for p in e["plan"]]
-                    cells.append(_ranges(fmt) if cfg else "")
+                    cells.append(_ranges([_fmt(p) for p in e["plan"]]))
                 else:
                     cells.append(f"- ({e['reason']})" if e["reason"] else "-")
             runs = row["last_run"]

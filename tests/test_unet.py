@@ -136,3 +136,19 @@ def test_xformers_processor_is_wrapped(make_case):  # pragma: no cover - GPU onl
     case.pipe.enable_xformers_memory_efficient_attention()
     accelerate_pipeline(case.pipe, "tome")
     assert torch.isfinite(case.run()).all()
+
+
+def test_bare_denoiser_counts_calls_as_steps_until_reset(make_case):
+    from diffaccel import reset
+
+    unet = make_case("sd1").pipe.unet
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.randn(1, 8, 32)
+    accelerate_pipeline(unet, "todo", num_steps=4, end=0.5)  # acts on steps 0 and 1 of 4
+    with torch.no_grad():
+        outs = [unet(x, t, ctx).sample for _ in range(3)]
+        reset(unet)
+        again = unet(x, t, ctx).sample
+    site = next(s for s in describe(unet)["denoisers"][0]["sites"] if s["methods"]["todo"]["acts"])
+    assert sorted(site["last_run"]) == [0]  # after reset: a new run, its step 0
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # step 2 is outside the window
+    assert torch.equal(again, outs[0])

@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..policy import Policy
+from ..policy import Policy, Rule, Selector
 from ..sites import Site
+from ..tokens import TokenReduction
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
@@ -157,11 +158,6 @@ class MethodConfig:
         params = {k: raw.get(k, getattr(self, k)) for k in self.params}
         return None if self.is_identity(params) else params
 
-    def describe_params(self, params: dict | None) -> str:
-        if params is None:
-            return "-"
-        return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"}
         d["policy"] = self.effective_policy().to_dict()
@@ -210,3 +206,65 @@ def shared_reduction(method: MethodConfig, site: Site, ctx: Any, r: int, build) 
     if key not in ctx.shared:
         ctx.shared[key] = build()
     return ctx.shared[key]
+
+
+METRICS = ("block", "hidden")
+
+
+class CellReductionConfig(MethodConfig):
+    """Shared by the methods that reduce a site's image tokens with one kept token per sx x sy cell
+    (ToMe merges the others, SiTo prunes them). Subclasses declare the fields ratio, sx, sy, seed,
+    max_downsample, metric and the three sub-layer switches named in `kind_flags`, and provide
+    `build_reduction`."""
+
+    priority = 10
+    reduces_tokens = True
+    params = ("ratio",)
+    mode: ClassVar[str] = "mean"  # TokenReduction.reduce mode
+    kind_flags: ClassVar[tuple[str, str, str]] = ()  # switches for self_attn, cross_attn, ff
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_number(n, "sx", self.sx, 1, 64, integer=True)
+        check_number(n, "sy", self.sy, 1, 64, integer=True)
+        check_number(n, "ratio", self.ratio, 0.0, 1.0 - 1.0 / (self.sx * self.sy))
+        check_number(n, "seed", self.seed, 0, 2**62, integer=True)
+        check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
+        check_choice(n, "metric", self.metric, METRICS)
+        for flag in self.kind_flags:
+            check_bool(n, flag, getattr(self, flag))
+
+    def default_policy(self) -> Policy:
+        kinds = tuple(k for k, flag in zip(("self_attn", "cross_attn", "ff"), self.kind_flags) if getattr(self, flag))
+        return Policy((Rule(Selector(kind=kinds, level=(0, self.max_downsample - 1)), {"ratio": self.ratio}),))
+
+    def unsupported(self, site: Site) -> str | None:
+        if site.note:
+            return site.note
+        if site.kind == "block":
+            return "acts on sub-layers, not whole blocks"
+        return None
+
+    def is_identity(self, params: dict) -> bool:
+        return params["ratio"] <= 0
+
+    def build_reduction(self, metric: torch.Tensor, h: int, w: int, r: int,
+                        generator: torch.Generator) -> TokenReduction:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+        x = call.hidden
+        grid = grid_of(site, ctx, x.shape[1])
+        if grid is None or grid[0] != 1:
+            return
+        _, h, w = grid
+        r = int(params["ratio"] * x.shape[1])
+        metric = cfg_rows(reduction_metric(self, site, ctx, x), ctx)
+
+        def build() -> TokenReduction:
+            return self.build_reduction(metric, h, w, r, block_generator(self.seed, ctx.step, site))
+
+        reduction = shared_reduction(self, site, ctx, r, build).expand(x.shape[0])
+        call.hidden = reduction.reduce(x, self.mode)
+        call.restores.append(reduction.restore)
+        call.reduced = True
