@@ -259,3 +259,22 @@ def test_config_objects_and_dicts_are_accepted(make_case):
     accelerate_pipeline(b.pipe, diffaccel.ToMeConfig(ratio=0.4))
     accelerate_pipeline(c.pipe, {"method": "tome", "ratio": 0.4})
     assert torch.equal(a.run(), b.run()) and torch.equal(a.run(), c.run())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "wan"])
+def test_exception_from_a_step_callback_leaves_the_next_call_correct(make_case, family):
+    method = "tome" if family in TOKEN_FAMILIES else "todo"
+    case = make_case(family)
+    accelerate(case.pipe, family, method)
+
+    def stop_at_step_1(pipe, step, timestep, callback_kwargs):
+        if step == 1:
+            raise Boom()
+        return callback_kwargs
+
+    with pytest.raises(Boom):
+        case.run(steps=4, callback_on_step_end=stop_at_step_1)
+    out = case.run(steps=3)
+    fresh = make_case(family)
+    accelerate(fresh.pipe, family, method)
+    assert torch.equal(out, fresh.run(steps=3))

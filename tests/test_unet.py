@@ -152,3 +152,49 @@ def test_bare_denoiser_counts_calls_as_steps_until_reset(make_case):
     assert sorted(site["last_run"]) == [0]  # after reset: a new run, its step 0
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # step 2 is outside the window
     assert torch.equal(again, outs[0])
+
+
+def test_lora_and_ip_adapter_keep_working_through_acceleration(make_case):
+    """LoRA (peft layers inside the attention) and IP-Adapter processors on the cross-attention:
+    they run on the merged tokens while accelerated and are exactly as before after removal."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = make_case("sd1").pipe.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    calls = []
+
+    class CountingIP(IPAdapterAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(hidden_states.shape[1])
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    procs = {name: CountingIP(hidden_size=unet.get_submodule(name.rsplit(".", 1)[0]).inner_dim,
+                              cross_attention_dim=32, num_tokens=(4,), scale=1.0)
+             if ".attn2." in name else proc for name, proc in unet.attn_processors.items()}
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(cross_attention_dim=32, image_embed_dim=16, num_image_text_embeds=4)])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    before = dict(unet.attn_processors)
+    x, t, ctx = torch.randn(2, 4, 32, 32), torch.tensor([300]), torch.randn(2, 8, 32)
+    cond = {"image_embeds": [torch.randn(2, 1, 16)]}
+
+    with torch.no_grad():
+        base = unet(x, t, ctx, added_cond_kwargs=cond).sample
+        unet.disable_adapters()
+        assert not torch.equal(unet(x, t, ctx, added_cond_kwargs=cond).sample, base)  # the LoRA is live
+        unet.enable_adapters()
+        accelerate_pipeline(unet, "tome", merge_crossattn=True)
+        calls.clear()
+        out = unet(x, t, ctx, added_cond_kwargs=cond).sample
+        assert 512 in calls and 1024 not in calls  # IP-Adapter attention ran on merged queries
+        assert not torch.equal(out, base)
+        remove_acceleration(unet)
+        again = unet(x, t, ctx, added_cond_kwargs=cond).sample
+    assert torch.equal(again, base)
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+    assert type(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__module__.startswith("peft")
