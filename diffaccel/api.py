@@ -42,6 +42,7 @@ class Installation:
     clock: RunClock
     denoisers: list[DenoiserState]
     pipe: Any = None
+    cfg_batched: bool | None = None  # bare denoisers: whether calls carry [uncond, cond] halves
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +143,20 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
 
     `method` is a registered name ("tome", "todo", "sito"), a config object, a dict with a "method"
     key, or a list of them to compose. Keyword overrides set config fields, e.g. ratio=0.6. For a bare
-    denoiser, `num_steps=` tells the step count that schedules are laid over. Returns `pipe`.
+    denoiser, `num_steps=` tells the step count that schedules are laid over, and `cfg_batched=True`
+    that its calls carry [uncond, cond] halves (which then share one token selection). Returns `pipe`.
     Nothing is changed when an error is raised.
     """
     num_steps = overrides.pop("num_steps", None)
+    cfg_batched = overrides.pop("cfg_batched", None)
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if cfg_batched is not None and not isinstance(cfg_batched, bool):
+        raise TypeError(f"cfg_batched must be True or False, got {cfg_batched!r}")
     configs = resolve_methods(method, overrides)
     members, pipeline = _denoisers(pipe)
+    if pipeline is not None and cfg_batched is not None:
+        raise ValueError("cfg_batched is for bare denoisers; pipelines report their guidance layout themselves")
     for target in [pipe] + [m for _, m in members]:
         if getattr(target, STATE_ATTR, None) is not None:
             raise RuntimeError("this pipeline is already accelerated; call remove_acceleration(pipe) first, "
@@ -157,7 +164,7 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
     states = [_plan(model, attr, configs) for attr, model in members]
     _warn_idle(configs, states)
 
-    inst = Installation(configs, RunClock(num_steps), states, pipeline)
+    inst = Installation(configs, RunClock(num_steps), states, pipeline, cfg_batched)
     try:
         for st in states:
             _install(st, inst)
@@ -171,7 +178,7 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
 
 
 def _install(st: DenoiserState, inst: Installation) -> None:
-    st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe)
+    st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe, inst.cfg_batched)
     st.handles.append(st.model.register_forward_pre_hook(st.tracker.pre_hook, with_kwargs=True))
     st.handles.append(st.model.register_forward_hook(st.tracker.post_hook, with_kwargs=True))
     blocks = set()

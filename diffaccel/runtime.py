@@ -122,8 +122,10 @@ class Context:
 class Tracker:
     """One per denoiser: builds the Context of each call from the clock and the adapter."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Any, clock: RunClock, pipe: Any = None):
+    def __init__(self, model: torch.nn.Module, adapter: Any, clock: RunClock, pipe: Any = None,
+                 cfg_batched: bool | None = None):
         self.model = model
+        self.cfg_override = cfg_batched
         self.adapter = adapter
         self.clock = clock
         self._pipe_ref = weakref.ref(pipe) if pipe is not None else None
@@ -147,7 +149,11 @@ class Tracker:
         pipe = self._pipe_ref() if self._pipe_ref is not None else None
         key = (clock.run, batch)
         if key != self._cfg_run:  # guidance cannot change inside a run: decide once
-            self._cfg_run, self._cfg_batched = key, self.adapter.is_cfg_batched(pipe, args, kwargs, batch)
+            if self.cfg_override is not None:
+                batched = self.cfg_override and batch % 2 == 0
+            else:
+                batched = self.adapter.is_cfg_batched(pipe, args, kwargs, batch)
+            self._cfg_run, self._cfg_batched = key, batched
         if self._cfg_batched:
             branch = "cond_uncond"
         elif self.adapter.cfg_layout == "separate" and clock.calls_in_step % 2 == 1:

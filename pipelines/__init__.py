@@ -6,10 +6,12 @@ import torch
 
 from .base import CFG_LAYOUTS, Adapter
 from .cogvideox import CogVideoXAdapter
+from .dit import DiTAdapter
 from .flux import FluxAdapter
-from .generic import DiTAdapter, GenericAdapter, PixArtAdapter
+from .generic import GenericAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .ltx import LTXVideoAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter

@@ -60,26 +60,3 @@ class GenericAdapter(BasicBlockAdapter):
         from diffusers.models.attention import BasicTransformerBlock
 
         return any(isinstance(m, BasicTransformerBlock) for m in model.modules())
-
-
-class PixArtAdapter(BasicBlockAdapter):
-    family = "PixArt-alpha/sigma"
-    model_classes = ("PixArtTransformer2DModel",)
-
-    def geometry(self, args, kwargs):
-        x = tensor_arg(args, kwargs, "hidden_states")
-        return self.patch_grid(x, None), x.shape[0]
-
-
-class DiTAdapter(PixArtAdapter):
-    family = "DiT"
-    model_classes = ("DiTTransformer2DModel",)
-    cond_half = "first"  # DiTPipeline batches [cond, uncond]
-
-    def is_cfg_batched(self, pipe, args, kwargs, batch) -> bool:
-        # DiTPipeline keeps guidance in a local; its unconditional rows carry the null class label.
-        labels = tensor_arg(args, kwargs, "class_labels", 2)
-        if pipe is None or batch % 2 or labels is None:
-            return False
-        null = self.model.config.get("num_embeds_ada_norm", 1000)
-        return bool((labels[batch // 2:] == null).all()) and not bool((labels[: batch // 2] == null).any())

@@ -51,6 +51,11 @@ def test_bench_smoke_writes_a_report(tmp_path):
     labels = [r["config"] for r in rep["results"]]
     assert labels[0] == "baseline" and any(lbl.startswith("tomesd") for lbl in labels)
     assert all(r["rel_error"] >= 0 for r in rep["results"]) and rep["results"][0]["rel_error"] == 0
+    assert main(["bench", "--arch", "tiny-sd", "--sizes", "256", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                 "--cfg", "--only", "tome", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["cfg_pairs"] and [r["config"] for r in rep["results"]] == [
+        "baseline", "tomesd ratio=0.5", "diffaccel tome ratio=0.5"]
 
 
 def test_readme_support_table_matches_the_code():

@@ -223,6 +223,8 @@ BAD = [
     (("tome",), {"policy": "{broken"}, ValueError, r"malformed policy JSON"),
     (("tome",), {"policy": {"rules": [{"select": {"kind": "attn"}}]}}, ValueError, r"unknown site kind 'attn'"),
     (("tome",), {"num_steps": 0}, ValueError, r"num_steps must be a positive int"),
+    (("tome",), {"cfg_batched": True}, ValueError, r"cfg_batched is for bare denoisers"),
+    (("tome",), {"cfg_batched": "yes"}, TypeError, r"cfg_batched must be True or False"),
     ((["tome", "sito"],), {}, ValueError, r"tome and sito would both reduce the tokens of"),
 ]
 

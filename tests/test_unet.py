@@ -198,3 +198,40 @@ def test_lora_and_ip_adapter_keep_working_through_acceleration(make_case):
     assert torch.equal(again, base)
     assert all(unet.attn_processors[k] is v for k, v in before.items())
     assert type(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__module__.startswith("peft")
+
+
+def test_generic_fallback_for_other_basic_block_models():
+    """A model the registry does not name, built from BasicTransformerBlocks, still gets sites,
+    a grid and the methods."""
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Transformer2DModel(in_channels=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                               norm_num_groups=2).eval()
+    x = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        base = model(x).sample
+        accelerate_pipeline(model, "tome")
+        out = model(x).sample
+        d = describe(model)
+        remove_acceleration(model)
+        again = model(x).sample
+    assert d["denoisers"][0]["family"] == "generic BasicTransformerBlock model"
+    acting = [s for s in d["denoisers"][0]["sites"] if s["last_run"]]
+    assert acting and acting[0]["grid"] == [1, 16, 16]
+    assert not torch.equal(out, base) and torch.equal(again, base)
+
+
+def test_bare_denoiser_told_about_cfg_pairs_shares_the_selection(make_case):
+    unet = make_case("sd1").pipe.unet
+    lat = torch.randn(1, 4, 32, 32)
+    x, t, ctx = torch.cat([lat, lat]), torch.tensor([10]), torch.randn(2, 8, 32)
+    accelerate_pipeline(unet, "sito", cfg_batched=True)
+    st = installation(unet).denoisers[0]
+    seen = []
+    handle = st.hooks[0].site.module.register_forward_hook(
+        lambda m, a, k, o: seen.append(st.hooks[0]._restores[0].__self__), with_kwargs=True, prepend=True)
+    with torch.no_grad():
+        unet(x, t, ctx)
+    handle.remove()
+    assert seen and torch.equal(seen[0].keep_idx[0], seen[0].keep_idx[1])
