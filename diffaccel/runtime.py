@@ -162,6 +162,7 @@ class Tracker:
             branch = "cond"
         if self._log_run != clock.run:
             self.log, self._log_run = {}, clock.run
+        self.block_inputs.clear()  # an interrupted call may have left some behind
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
