@@ -172,7 +172,6 @@ class Tracker:
 
     def post_hook(self, module, args, kwargs, output):
         self.last, self.ctx = self.ctx, None
-        self.block_inputs.clear()
         return None
 
 

@@ -138,7 +138,7 @@ class MethodConfig:
 
     def needs_block_input(self) -> bool:
         """Whether the method reads the enclosing block's input (the runtime then records it)."""
-        return getattr(self, "metric", None) == "block"
+        return False
 
     def is_identity(self, params: dict) -> bool:
         """Whether these parameters leave the sub-layer unchanged (zero strength)."""
@@ -187,27 +187,6 @@ def block_generator(seed: int, step: int, site: Site) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + site.depth) % (2**63))
 
 
-def reduction_metric(method: MethodConfig, site: Site, ctx: Any, x: torch.Tensor) -> torch.Tensor:
-    """What token similarity is measured on: the enclosing block's input (ToMeSD's and SiTo's
-    choice, metric="block") when it has the sub-layer's tokens, else the sub-layer's own input."""
-    if getattr(method, "metric", "hidden") == "block":
-        block_input = ctx.block_inputs.get(site.block)
-        if block_input is not None and block_input.shape[:2] == x.shape[:2]:
-            return block_input
-    return x
-
-
-def shared_reduction(method: MethodConfig, site: Site, ctx: Any, r: int, build) -> Any:
-    """One reduction per block and call for the sub-layers that share a metric (as ToMeSD merges
-    attention, cross-attention and MLP of a block with one matching)."""
-    key = (method.name, site.block, r)
-    if getattr(method, "metric", "hidden") != "block" or site.block not in ctx.block_inputs:
-        return build()
-    if key not in ctx.shared:
-        ctx.shared[key] = build()
-    return ctx.shared[key]
-
-
 METRICS = ("block", "hidden")
 
 
@@ -248,9 +227,29 @@ class CellReductionConfig(MethodConfig):
     def is_identity(self, params: dict) -> bool:
         return params["ratio"] <= 0
 
+    def needs_block_input(self) -> bool:
+        return self.metric == "block"
+
     def build_reduction(self, metric: torch.Tensor, h: int, w: int, r: int,
                         generator: torch.Generator) -> TokenReduction:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def reduction_for(self, site: Site, ctx: Any, x: torch.Tensor, h: int, w: int, r: int) -> TokenReduction:
+        """The reduction of this call's tokens. With metric="block", similarity is measured on the
+        enclosing block's input and one reduction serves all sub-layers of the block in this call (as
+        ToMeSD merges attention, cross-attention and MLP with one matching); otherwise, or when the
+        block input does not hold the sub-layer's tokens, on the sub-layer's own input."""
+        block_input = ctx.block_inputs.get(site.block) if self.metric == "block" else None
+        shared = block_input is not None and block_input.shape[:2] == x.shape[:2]
+        key = (self.name, site.block, r)
+        if shared and key in ctx.shared:
+            return ctx.shared[key]
+        metric = cfg_rows(block_input if shared else x, ctx)
+        reduction = self.build_reduction(metric, h, w, r, block_generator(self.seed, ctx.step, site))
+        reduction = reduction.expand(x.shape[0])
+        if shared:
+            ctx.shared[key] = reduction
+        return reduction
 
     def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
         x = call.hidden
@@ -258,13 +257,7 @@ class CellReductionConfig(MethodConfig):
         if grid is None or grid[0] != 1:
             return
         _, h, w = grid
-        r = int(params["ratio"] * x.shape[1])
-        metric = cfg_rows(reduction_metric(self, site, ctx, x), ctx)
-
-        def build() -> TokenReduction:
-            return self.build_reduction(metric, h, w, r, block_generator(self.seed, ctx.step, site))
-
-        reduction = shared_reduction(self, site, ctx, r, build).expand(x.shape[0])
+        reduction = self.reduction_for(site, ctx, x, h, w, int(params["ratio"] * x.shape[1]))
         call.hidden = reduction.reduce(x, self.mode)
         call.restores.append(reduction.restore)
         call.reduced = True
