@@ -1,4 +1,5 @@
-"""Command line: `diffaccel run` (the main job on the embedded default) and `diffaccel bench`."""
+"""Command line: `diffaccel run` (the main job on the embedded default), `diffaccel bench` and
+`diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     pipe = default_pipeline()
     print(f"embedded default: SD-architecture pipeline, random weights, {args.size}x{args.size}, {args.steps} steps, "
-          f"prompt {args.prompt!r}")
+          f"batch {args.batch}, prompt {args.prompt!r}")
 
     def generate():
-        gen = torch.Generator().manual_seed(args.seed)
-        return pipe(args.prompt, num_inference_steps=args.steps, height=args.size, width=args.size, generator=gen,
-                    output_type="pt").images
+        gen = [torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)]
+        return pipe([args.prompt] * args.batch, num_inference_steps=args.steps, height=args.size, width=args.size,
+                    generator=gen, output_type="pt").images
 
     t_base, base = time_call(generate, repeats=args.repeats)
     rows = [("baseline", t_base, 1.0, float("inf"), 0.0)]
@@ -57,6 +58,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .reference import data, load_reference_pipeline
+    from .reference.evaluate import caption_following, random_weight_copy, sample_grid, step_redundancy
+
+    report: dict = {"command": "diffaccel " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+                    "n": args.n, "steps": args.steps}
+    prompts = [s.caption for s in data.evaluation_scenes(4, seed=1)]
+    for kind in args.kinds:
+        trained = load_reference_pipeline(kind, path=args.path)
+        rand = random_weight_copy(trained)
+        row = {}
+        for label, pipe in (("trained", trained), ("random", rand)):
+            row[label] = {"caption_following": caption_following(pipe, n=args.n, steps=args.steps),
+                          "step_redundancy": step_redundancy(pipe, prompts, steps=args.steps)}
+            print(f"{kind:<5} {label:<8} caption following {row[label]['caption_following']:.3f}   "
+                  f"block change per step: mean {row[label]['step_redundancy']['mean']:.4f}, "
+                  f"median {row[label]['step_redundancy']['median']:.4f}")
+        report[kind] = row
+        if args.grid:
+            Path(args.grid).mkdir(parents=True, exist_ok=True)
+            scenes = data.evaluation_scenes(8, seed=2)[:4] + [
+                s for s in data.scenes(3, held_out=True) if len(s.shapes) > 1][:4]
+            sample_grid(trained, scenes, steps=args.steps).save(Path(args.grid) / f"samples_{kind}.png")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffaccel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--prompt", default="a red circle at the top left on a blue background")
     run.add_argument("--size", type=int, default=512)
     run.add_argument("--steps", type=int, default=10)
+    run.add_argument("--batch", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--threads", type=int, default=0)
@@ -76,7 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    ref = sub.add_parser("reference", help="caption following and step redundancy of the reference models, beside "
+                                           "random-weight copies; optionally a sample grid")
+    ref.add_argument("--kinds", nargs="+", choices=["unet", "dit"], default=["unet", "dit"])
+    ref.add_argument("--n", type=int, default=64, help="held-out captions scored per pipeline")
+    ref.add_argument("--steps", type=int, default=20)
+    ref.add_argument("--path", default=None, help="a folder written by the training script (default: packaged)")
+    ref.add_argument("--grid", default=None, help="folder for sample grids (samples_<kind>.png)")
+    ref.add_argument("--out", default=None, help="write the figures as JSON here")
+    ref.set_defaults(func=cmd_reference)
     args = parser.parse_args(argv)
+    args.argv = argv
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return args.func(args)

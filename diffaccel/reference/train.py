@@ -1,0 +1,342 @@
+"""Train the reference models from scratch on the procedural shapes dataset.
+
+    python -m diffaccel.reference.train                 # all stages, about an hour on 2 CPU cores
+    python -m diffaccel.reference.train --scale 0.01    # a smoke run: 1% of the steps
+
+Stages, in order: the tokenizer and the frozen text encoder (seeded, not trained), the VAE (first on
+128x128 crops, which is cheaper as it is fully convolutional, then on whole images, so that its group-norm
+statistics and borders are those of whole images), a cache of VAE latents of training scenes, the U-Net, the DiT.
+Denoisers learn epsilon-prediction on SD's scaled-linear schedule with min-SNR-5 loss weights, 10%
+empty captions (for classifier-free guidance), bf16 autocast, AdamW with warm-up and cosine decay,
+and an EMA of the weights, which is what gets saved. Text embeddings come from each pipeline's own
+`encode_prompt`, so training sees exactly what inference feeds. Writes `save_pretrained` folders
+(safetensors), `training_log.json` and a loss plot (`loss.svg`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .models import IMAGE_SIZE, make_text_encoder, make_tokenizer, make_transformer, make_unet, make_vae
+
+# steps at --scale 1, chosen to take about an hour in all on 2 CPU cores
+STEPS = {"vae": 2000, "vae_full": 150, "unet": 1600, "dit": 1600}
+BATCH = {"vae": 4, "vae_full": 4, "unet": 16, "dit": 16}
+LR = {"vae": 1e-3, "vae_full": 3e-4, "unet": 5e-4, "dit": 5e-4}
+PLOTTED = ("vae", "vae_full", "unet", "dit")
+N_LATENTS = 6_000
+CROP = 128
+EMPTY_CAPTION_P = 0.1
+MIN_SNR = 5.0
+
+
+def train_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def inference_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(train_scheduler().config)
+
+
+def sd_pipeline(text_encoder, tokenizer, vae, unet):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def pixart_pipeline(text_encoder, tokenizer, vae, transformer):
+    from diffusers import PixArtAlphaPipeline
+
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=inference_scheduler())
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, warming up as (1+n)/(10+n)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True)
+
+
+def _optimise(model, stage: str, steps: int, loss_fn, log: dict, quiet: bool, ema: EMA | None = None):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR[stage], weight_decay=0.01)
+    losses: list[float] = []
+    start = time.time()
+    bar = _progress(steps, stage, quiet)
+    smooth = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, LR[stage], warmup=min(100, max(1, steps // 10)))
+        loss = loss_fn(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        value = float(loss.detach())  # one sync per step: the progress bar and the plot need it
+        losses.append(value)
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.4f}")
+    bar.close()
+    log[stage] = {"steps": steps, "batch": BATCH[stage], "lr": LR[stage], "seconds": round(time.time() - start, 1),
+                  "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:]),
+                  "losses": [round(v, 5) for v in losses]}
+
+
+def _mean(xs):
+    return round(sum(xs) / len(xs), 5) if xs else None
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+
+def train_vae(steps: int, full_steps: int, seed: int, log: dict, quiet: bool):
+    torch.manual_seed(seed)
+    vae = make_vae()
+    vae.train()
+    stream = data.scenes(seed)
+    rng = random.Random(seed)
+
+    def loss_fn(stage, step):
+        images, _ = data.batch(stream, BATCH[stage], IMAGE_SIZE)
+        if stage == "vae":
+            crops = []
+            for img in images:
+                y, x = rng.randrange(IMAGE_SIZE - CROP + 1), rng.randrange(IMAGE_SIZE - CROP + 1)
+                crops.append(img[:, y:y + CROP, x:x + CROP])
+            images = torch.stack(crops)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            post = vae.encode(images).latent_dist
+            rec = vae.decode(post.sample()).sample
+        return (rec.float() - images).abs().mean() + 0.5 * F.mse_loss(rec.float(), images) + 1e-6 * post.kl().mean()
+
+    _optimise(vae, "vae", steps, lambda step: loss_fn("vae", step), log, quiet)
+    _optimise(vae, "vae_full", full_steps, lambda step: loss_fn("vae_full", step), log, quiet)
+    vae.eval()
+    # scaling factor: unit variance of the scaled latents, as SD's 0.18215 was chosen
+    images, _ = data.batch(data.scenes(seed + 1), 64, IMAGE_SIZE)
+    held, _ = data.batch(data.scenes(seed + 2, held_out=True), 32, IMAGE_SIZE)
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mode()
+        rec = vae.decode(vae.encode(held).latent_dist.mode()).sample.clamp(-1, 1)
+    vae.register_to_config(scaling_factor=round(float(1 / z.std()), 5))
+    mse = F.mse_loss(rec, held).item()
+    log["vae"]["scaling_factor"] = vae.config.scaling_factor
+    log["vae"]["held_out_psnr_db"] = round(10 * math.log10(4 / mse), 2)
+    if not quiet:
+        print(f"VAE: held-out PSNR {log['vae']['held_out_psnr_db']} dB, scaling factor {vae.config.scaling_factor}",
+              flush=True)
+    return vae
+
+
+@torch.no_grad()
+def cache_latents(vae, n: int, seed: int, log: dict, quiet: bool):
+    """Mean and std of the VAE posterior for `n` training scenes (fp16), and their captions."""
+    stream = data.scenes(seed + 10)
+    means, stds, captions = [], [], []
+    bar = _progress(n, "latents", quiet)
+    start = time.time()
+    while len(captions) < n:
+        images, caps = data.batch(stream, min(64, n - len(captions)), IMAGE_SIZE)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            post = vae.encode(images).latent_dist
+        means.append(post.mean.half())
+        stds.append(post.std.half())
+        captions += caps
+        bar.update(len(caps))
+    bar.close()
+    log["latents"] = {"count": n, "seconds": round(time.time() - start, 1)}
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def train_denoiser(stage: str, model, pipe, cache, steps: int, seed: int, log: dict, quiet: bool):
+    """Epsilon-prediction with min-SNR weights; `pipe` supplies encode_prompt. Returns the EMA model."""
+    means, stds, captions = cache
+    sched = train_scheduler()
+    alphas = sched.alphas_cumprod
+    scale = pipe.vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    ema = EMA(model)
+    model.train()
+
+    def loss_fn(step):
+        idx = torch.randint(0, len(captions), (BATCH[stage],), generator=gen)
+        latents = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)) * scale
+        caps = ["" if rng.random() < EMPTY_CAPTION_P else captions[i] for i in idx.tolist()]
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(caps),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        noisy = sched.add_noise(latents, noise, t)
+        with torch.no_grad():
+            if stage == "unet":
+                emb, _ = pipe.encode_prompt(caps, "cpu", 1, False)
+                kwargs = {"encoder_hidden_states": emb}
+            else:
+                emb, mask, _, _ = pipe.encode_prompt(caps, do_classifier_free_guidance=False, device="cpu",
+                                                     clean_caption=False)
+                kwargs = {"encoder_hidden_states": emb, "encoder_attention_mask": mask,
+                          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if stage == "unet":
+                pred = model(noisy, t, **kwargs).sample
+            else:
+                pred = model(noisy, timestep=t, **kwargs).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=MIN_SNR) / snr
+        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
+
+    _optimise(model, stage, steps, loss_fn, log, quiet, ema=ema)
+    return ema.model
+
+
+# -- loss plot ----------------------------------------------------------------------------------
+
+
+def loss_svg(log: dict, stages=PLOTTED) -> str:
+    """Smoothed training loss per stage (log scale), as a small standalone SVG."""
+    w, h, pad = 300, 200, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(stages)}" height="{h + pad}" '
+             'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for k, stage in enumerate(stages):
+        losses = log.get(stage, {}).get("losses") or []
+        x0 = k * w + pad
+        parts.append(f'<text x="{x0}" y="14" font-size="13">{stage} loss (EMA 0.98, log scale)</text>')
+        parts.append(f'<rect x="{x0}" y="20" width="{w - pad - 10}" height="{h - 20}" fill="none" stroke="#999"/>')
+        if not losses:
+            continue
+        smooth, s = [], losses[0]
+        for v in losses:
+            s = 0.98 * s + 0.02 * v
+            smooth.append(math.log10(max(s, 1e-8)))
+        lo, hi = min(smooth), max(smooth)
+        hi = hi if hi > lo else lo + 1
+        pw, ph = w - pad - 10, h - 20
+        pts = " ".join(f"{x0 + pw * i / max(1, len(smooth) - 1):.1f},{20 + ph * (hi - v) / (hi - lo):.1f}"
+                       for i, v in enumerate(smooth))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
+        parts.append(f'<text x="{x0 - 4}" y="28" text-anchor="end">{10 ** hi:.3g}</text>')
+        parts.append(f'<text x="{x0 - 4}" y="{h}" text-anchor="end">{10 ** lo:.3g}</text>')
+        parts.append(f'<text x="{x0 + pw}" y="{h + 14}" text-anchor="end">{len(losses)} steps</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def train(out: str | Path, scale: float = 1.0, seed: int = 0, n_latents: int | None = None,
+          stages: tuple[str, ...] = ("vae", "unet", "dit"), quiet: bool = False) -> dict:
+    """Train the stages and write every component under `out`; returns the training log."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    steps = {k: max(1, round(v * scale)) for k, v in STEPS.items()}
+    n_latents = n_latents or max(BATCH["unet"], round(N_LATENTS * min(1.0, scale * 10)))
+    log: dict = {"command": " ".join([Path(sys.executable).name, "-m", "diffaccel.reference.train", *sys.argv[1:]]),
+                 "seed": seed, "scale": scale, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    started = time.time()
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = make_text_encoder(len(tokenizer)).eval().requires_grad_(False)
+    tokenizer.save_pretrained(out / "tokenizer")
+    text_encoder.save_pretrained(out / "text_encoder")
+    inference_scheduler().save_pretrained(out / "scheduler")
+
+    if "vae" in stages:
+        vae = train_vae(steps["vae"], steps["vae_full"], seed, log, quiet)
+        vae.save_pretrained(out / "vae")
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(out / "vae")
+    vae.eval().requires_grad_(False)
+
+    if "unet" in stages or "dit" in stages:
+        cache = cache_latents(vae, n_latents, seed, log, quiet)
+    if "unet" in stages:
+        torch.manual_seed(seed + 1)
+        unet = make_unet()
+        pipe = sd_pipeline(text_encoder, tokenizer, vae, unet)
+        train_denoiser("unet", unet, pipe, cache, steps["unet"], seed + 1, log, quiet).save_pretrained(out / "unet")
+    if "dit" in stages:
+        torch.manual_seed(seed + 2)
+        transformer = make_transformer()
+        pipe = pixart_pipeline(text_encoder, tokenizer, vae, transformer)
+        train_denoiser("dit", transformer, pipe, cache, steps["dit"], seed + 2, log,
+                       quiet).save_pretrained(out / "transformer")
+
+    log["seconds"] = round(time.time() - started, 1)
+    path = out / "training_log.json"
+    if path.exists() and set(stages) != {"vae", "unet", "dit"}:  # a partial re-run keeps the other stages' entries
+        previous = json.loads(path.read_text())
+        log = {**previous, **log, "runs": [*previous.get("runs", [previous["command"]]), log["command"]]}
+    log["total_training_seconds"] = round(sum(log[k]["seconds"] for k in (*PLOTTED, "latents") if k in log), 1)
+    path.write_text(json.dumps(log) + "\n")
+    (out / "loss.svg").write_text(loss_svg(log))
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import WEIGHTS_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m diffaccel.reference.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: the packaged weights)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default step counts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latents", type=int, default=None, help=f"cached training latents (default {N_LATENTS})")
+    parser.add_argument("--stages", nargs="+", default=["vae", "unet", "dit"], choices=["vae", "unet", "dit"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    log = train(args.out, scale=args.scale, seed=args.seed, n_latents=args.latents, stages=tuple(args.stages),
+                quiet=args.quiet)
+    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v)
+                      for k, v in log.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

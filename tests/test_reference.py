@@ -1,0 +1,146 @@
+"""The trained reference models: dataset, packaged weights, caption following, step redundancy, training."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.reference import KINDS, data, load_reference_pipeline
+from diffaccel.reference.evaluate import caption_following, random_weight_copy, step_redundancy
+from diffaccel.reference.models import make_tokenizer
+
+
+def test_dataset_is_deterministic_and_split():
+    a = [s.caption for s, _ in zip(data.scenes(7), range(50))]
+    b = [s.caption for s, _ in zip(data.scenes(7), range(50))]
+    assert a == b and len(set(a)) > 45
+    held = [s.caption for s, _ in zip(data.scenes(7, held_out=True), range(50))]
+    assert all(data.is_held_out(c) for c in held) and not any(data.is_held_out(c) for c in a)
+    scene = next(data.scenes(3))
+    assert torch.equal(data.render(scene, 64), data.render(scene, 64))
+    img = data.render(scene, 96)
+    assert img.shape == (3, 96, 96) and img.min() >= -1 and img.max() <= 1
+
+
+def test_captions_describe_their_scenes():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = data.random_scene(rng)
+        cap = scene.caption
+        assert 1 <= len(scene.shapes) <= 3 and cap.count(" and ") == len(scene.shapes) - 1
+        for s in scene.shapes:
+            assert f"{s.size} {s.colour} {s.kind} {s.position}" in cap
+            assert s.colour not in scene.background
+        assert len({s.position for s in scene.shapes}) == len(scene.shapes)
+
+
+def test_ground_truth_follows_captions_and_noise_does_not():
+    scenes = data.evaluation_scenes(64)
+    assert all(len(s.shapes) == 1 and len(s.background) == 1 and data.is_held_out(s.caption) for s in scenes)
+    truth = torch.stack([data.render(s, 128) for s in scenes])
+    assert data.follows_caption(truth, scenes).all()
+    noise = torch.rand(truth.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert data.follows_caption(noise, scenes).float().mean() < 0.3
+    # the right colour in the wrong cell does not count
+    moved = [data.Scene((data.Shape(s.shapes[0].kind, s.shapes[0].colour, "large",
+                                    "at the top left" if s.shapes[0].position != "at the top left" else "in the center"),),
+                        s.background) for s in scenes]
+    assert not data.follows_caption(torch.stack([data.render(s, 128) for s in moved]), scenes).any()
+
+
+def test_tokenizer_knows_every_caption_word():
+    tok = make_tokenizer()
+    unk = tok.convert_tokens_to_ids("<unk>")
+    for s, _ in zip(data.scenes(1), range(300)):
+        ids = tok(s.caption, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        assert unk not in ids and ids[-1] == tok.pad_token_id  # never truncated
+
+
+@pytest.fixture(scope="module")
+def smoke_weights(tmp_path_factory):
+    """A smoke run of the training script (0.2% of the steps): real folders, untrained weights."""
+    from diffaccel.reference.train import main
+
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["--out", str(out), "--scale", "0.002", "--latents", "16", "--quiet"]) == 0
+    return out
+
+
+def test_load_reference_pipeline_kinds_and_errors(smoke_weights, tmp_path):
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
+
+    assert isinstance(load_reference_pipeline("unet", path=smoke_weights), StableDiffusionPipeline)
+    pipe = diffaccel.load_reference_pipeline("dit", path=smoke_weights)
+    assert isinstance(pipe, PixArtAlphaPipeline)
+    # 256 px is in PixArt's 256 resolution bin, so the pipeline's defaults run at the trained size
+    assert pipe.transformer.config.sample_size * pipe.vae_scale_factor == 256
+    with pytest.raises(ValueError, match=r"'unet', 'dit'"):
+        load_reference_pipeline("vit")
+    with pytest.raises(FileNotFoundError, match="diffaccel.reference.train"):
+        load_reference_pipeline("unet", path=tmp_path)
+
+
+def test_unet_top_level_attends_over_32x32_latent_tokens(smoke_weights):
+    pipe = load_reference_pipeline("unet", path=smoke_weights)
+    seen = []
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    handle = attn.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args or (kw["hidden_states"],))[0].shape), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe("a small red circle at the top on a white background", num_inference_steps=1, output_type="latent")
+    finally:
+        handle.remove()
+    assert seen and seen[0][1] == 32 * 32
+
+
+def test_pipeline_save_and_from_pretrained_round_trip(smoke_weights, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_reference_pipeline("unet", path=smoke_weights)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    files = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, use_safetensors=True, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    outs = []
+    for p in (pipe, loaded):
+        diffaccel.accelerate_pipeline(p, "tome")
+        with torch.no_grad():
+            outs.append(p("a large blue square in the center on a yellow background", num_inference_steps=3,
+                          output_type="pt", generator=torch.Generator().manual_seed(0)).images)
+        assert diffaccel.describe(p)["denoisers"][0]["sites"][0]["last_run"]
+        diffaccel.remove_acceleration(p)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_training_smoke_run_writes_log_plot_and_safetensors(smoke_weights):
+    from diffaccel.reference.train import STEPS
+
+    log = json.loads((smoke_weights / "training_log.json").read_text())
+    for stage, steps in STEPS.items():
+        assert log[stage]["steps"] == max(1, round(steps * 0.002)) == len(log[stage]["losses"])
+    assert log["vae"]["scaling_factor"] > 0 and log["latents"]["count"] == 16
+    assert (smoke_weights / "loss.svg").read_text().startswith("<svg")
+    names = {p.relative_to(smoke_weights).as_posix() for p in smoke_weights.rglob("*") if p.is_file()}
+    for folder in ("vae", "unet", "transformer"):
+        assert {f"{folder}/config.json", f"{folder}/diffusion_pytorch_model.safetensors"} <= names
+    assert {"text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    for kind in KINDS:
+        pipe = load_reference_pipeline(kind, path=smoke_weights)
+        with torch.no_grad():
+            out = pipe("a small green diamond on the left on a black background", num_inference_steps=2,
+                       output_type="pt").images
+        assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+
+
+def test_step_redundancy_and_caption_scores_run(smoke_weights):
+    pipe = load_reference_pipeline("dit", path=smoke_weights)
+    prompts = [s.caption for s in data.evaluation_scenes(2, seed=1)]
+    red = step_redundancy(pipe, prompts, steps=4)
+    assert red["blocks"] == 8 and len(red["per_step"]) == 3 and all(v >= 0 for v in red["per_step"])
+    score = caption_following(random_weight_copy(pipe), n=4, steps=2)
+    assert 0 <= score <= 1
