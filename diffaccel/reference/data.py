@@ -49,6 +49,11 @@ class Shape:
     def cell(self) -> tuple[int, int]:
         return POSITIONS[self.position]
 
+    def centre(self, size: int) -> tuple[float, float]:
+        """(x, y) of the shape's centre in pixels, in an image of `size` x `size`."""
+        row, col = self.cell
+        return (col + 0.5 + self.dx) * size / 3, (row + 0.5 + self.dy) * size / 3
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -103,7 +108,6 @@ def _mask(kind: str, x: torch.Tensor, y: torch.Tensor, r: float) -> torch.Tensor
 
 def render(scene: Scene, size: int = 128) -> torch.Tensor:
     """The scene as a (3, size, size) float image in [-1, 1], shapes drawn in caption order."""
-    cell = size / 3
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     top = torch.tensor(COLOURS[scene.background[0]], dtype=torch.float32).view(3, 1, 1)
@@ -111,9 +115,8 @@ def render(scene: Scene, size: int = 128) -> torch.Tensor:
     t = (yy / size).unsqueeze(0)
     img = top * (1 - t) + bottom * t
     for s in scene.shapes:
-        row, col = s.cell
-        cx, cy = (col + 0.5 + s.dx) * cell, (row + 0.5 + s.dy) * cell
-        m = _mask(s.kind, xx - cx, yy - cy, SIZES[s.size] * cell)
+        cx, cy = s.centre(size)
+        m = _mask(s.kind, xx - cx, yy - cy, SIZES[s.size] * size / 3)
         img = torch.where(m, torch.tensor(COLOURS[s.colour], dtype=torch.float32).view(3, 1, 1), img)
     return img / 127.5 - 1
 
