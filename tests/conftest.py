@@ -15,3 +15,13 @@ from diffaccel.tiny import tiny_case  # noqa: E402
 def make_case():
     """Build a fresh tiny pipeline of a family."""
     return tiny_case
+
+
+@pytest.fixture(scope="session")
+def smoke_weights(tmp_path_factory):
+    """A smoke run of the training script (0.2% of the steps): real folders, untrained weights."""
+    from diffaccel.reference.train import main
+
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["--out", str(out), "--scale", "0.002", "--latents", "16", "--quiet"]) == 0
+    return out

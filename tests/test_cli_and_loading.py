@@ -1,9 +1,10 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from diffaccel import accelerate_pipeline, describe
+from diffaccel import accelerate_pipeline, describe, load_reference_pipeline, remove_acceleration
 from diffaccel.cli import _method_arg, main
 from diffaccel.support import MARK_BEGIN, MARK_END, support_table
 from diffaccel.tiny import default_pipeline
@@ -11,10 +12,14 @@ from diffaccel.tiny import default_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_from_pretrained_safetensors_round_trip(tmp_path):
+@pytest.mark.parametrize("source", ["random default", "reference smoke weights"])
+def test_from_pretrained_safetensors_round_trip(source, tmp_path, request):
     from diffusers import StableDiffusionPipeline
 
-    pipe = default_pipeline()
+    if source == "random default":
+        pipe, size = default_pipeline(), 128
+    else:
+        pipe, size = load_reference_pipeline("unet", path=request.getfixturevalue("smoke_weights")), 256
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     files = [p.name for p in tmp_path.rglob("*") if p.is_file()]
     assert any(f.endswith(".safetensors") for f in files) and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
@@ -24,9 +29,10 @@ def test_from_pretrained_safetensors_round_trip(tmp_path):
     for p in (pipe, loaded):
         accelerate_pipeline(p, "tome")
         with torch.no_grad():
-            outs.append(p("a blue square", num_inference_steps=2, height=128, width=128, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images)
+            outs.append(p("a large blue square in the center on a yellow background", num_inference_steps=2,
+                          height=size, width=size, output_type="pt", generator=torch.Generator().manual_seed(0)).images)
         assert describe(p)["denoisers"][0]["sites"][0]["last_run"]
+        remove_acceleration(p)
     assert torch.equal(outs[0], outs[1])
 
 

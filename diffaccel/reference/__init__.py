@@ -41,10 +41,12 @@ def load_reference_pipeline(kind: str = "unet", path: str | Path | None = None, 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **kwargs)
     vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(root / "scheduler")
     if kind == "unet":
-        pipe = sd_pipeline(text_encoder, tokenizer, vae, UNet2DConditionModel.from_pretrained(denoiser, **kwargs))
+        pipe = sd_pipeline(text_encoder, tokenizer, vae, UNet2DConditionModel.from_pretrained(denoiser, **kwargs),
+                           scheduler)
     else:
-        pipe = pixart_pipeline(text_encoder, tokenizer, vae, PixArtTransformer2DModel.from_pretrained(denoiser, **kwargs))
-    pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(root / "scheduler")
+        pipe = pixart_pipeline(text_encoder, tokenizer, vae,
+                               PixArtTransformer2DModel.from_pretrained(denoiser, **kwargs), scheduler)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe

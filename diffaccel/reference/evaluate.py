@@ -30,8 +30,8 @@ def random_weight_copy(pipe, seed: int = 0):
     torch.manual_seed(seed)
     fresh = type(den).from_config(den.config).eval()
     build = sd_pipeline if hasattr(pipe, "unet") else pixart_pipeline
-    other = build(pipe.text_encoder, pipe.tokenizer, pipe.vae, fresh)
-    other.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    other = build(pipe.text_encoder, pipe.tokenizer, pipe.vae, fresh,
+                  type(pipe.scheduler).from_config(pipe.scheduler.config))
     other.set_progress_bar_config(disable=True)
     return other
 

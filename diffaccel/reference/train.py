@@ -3,9 +3,10 @@
     python -m diffaccel.reference.train                 # all stages, about an hour on 2 CPU cores
     python -m diffaccel.reference.train --scale 0.01    # a smoke run: 1% of the steps
 
-Stages, in order: the tokenizer and the frozen text encoder (seeded, not trained), the VAE (first on
-64x64 crops, mostly centred on shapes (cheaper: it is fully convolutional), then on whole images, so that its group-norm
-statistics and borders are those of whole images), a cache of VAE latents of training scenes, the U-Net, the DiT.
+Stages, in order: the tokenizer and the frozen text encoder (seeded, not trained); the VAE, first on
+64x64 crops mostly centred on shapes (cheap, as it is fully convolutional), then on whole images so
+that its group-norm statistics and borders are those of whole images; a cache of VAE latents of
+training scenes; the U-Net; the DiT.
 Denoisers learn epsilon-prediction on SD's scaled-linear schedule with min-SNR-5 loss weights, 10%
 empty captions (for classifier-free guidance), bf16 autocast, AdamW with warm-up and cosine decay,
 and an EMA of the weights, which is what gets saved. Text embeddings come from each pipeline's own
@@ -55,19 +56,19 @@ def inference_scheduler():
     return DPMSolverMultistepScheduler.from_config(train_scheduler().config)
 
 
-def sd_pipeline(text_encoder, tokenizer, vae, unet):
+def sd_pipeline(text_encoder, tokenizer, vae, unet, scheduler=None):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler or inference_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
-def pixart_pipeline(text_encoder, tokenizer, vae, transformer):
+def pixart_pipeline(text_encoder, tokenizer, vae, transformer, scheduler=None):
     from diffusers import PixArtAlphaPipeline
 
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                               scheduler=inference_scheduler())
+                               scheduler=scheduler or inference_scheduler())
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -213,7 +214,8 @@ def train_denoiser(stage: str, model, pipe, cache, steps: int, seed: int, log: d
 
     def loss_fn(step):
         idx = torch.randint(0, len(captions), (BATCH[stage],), generator=gen)
-        latents = (means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)) * scale
+        mean = means[idx].float()
+        latents = (mean + stds[idx].float() * torch.randn(mean.shape, generator=gen)) * scale
         caps = ["" if rng.random() < EMPTY_CAPTION_P else captions[i] for i in idx.tolist()]
         t = torch.randint(0, sched.config.num_train_timesteps, (len(caps),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
