@@ -93,6 +93,7 @@ def test_training_smoke_run_writes_log_plot_and_safetensors(smoke_weights):
     for stage, steps in STEPS.items():
         assert log[stage]["steps"] == max(1, round(steps * 0.002)) == len(log[stage]["losses"])
     assert log["vae"]["scaling_factor"] > 0 and log["latents"]["count"] == 16
+    assert 0 <= log["vae"]["caption_score_of_reconstructions"] <= 1
     assert (smoke_weights / "loss.svg").read_text().startswith("<svg")
     names = {p.relative_to(smoke_weights).as_posix() for p in smoke_weights.rglob("*") if p.is_file()}
     for folder in ("vae", "unet", "transformer"):

@@ -168,15 +168,22 @@ def train_vae(steps: int, full_steps: int, seed: int, log: dict, quiet: bool):
     # scaling factor: unit variance of the scaled latents, as SD's 0.18215 was chosen
     images, _ = data.batch(data.scenes(seed + 1), 64, IMAGE_SIZE)
     held, _ = data.batch(data.scenes(seed + 2, held_out=True), 32, IMAGE_SIZE)
+    # the caption-following bar of the denoisers, on ground truth passed through the VAE: their ceiling
+    eval_scenes = data.evaluation_scenes(48)
+    eval_images = torch.stack([data.render(s, IMAGE_SIZE) for s in eval_scenes])
     with torch.no_grad():
         z = vae.encode(images).latent_dist.mode()
         rec = vae.decode(vae.encode(held).latent_dist.mode()).sample.clamp(-1, 1)
+        eval_rec = vae.decode(vae.encode(eval_images).latent_dist.mode()).sample.clamp(-1, 1)
     vae.register_to_config(scaling_factor=round(float(1 / z.std()), 5))
     mse = F.mse_loss(rec, held).item()
     log["vae"]["scaling_factor"] = vae.config.scaling_factor
     log["vae"]["held_out_psnr_db"] = round(10 * math.log10(4 / mse), 2)
+    log["vae"]["caption_score_of_reconstructions"] = round(
+        float(data.follows_caption(eval_rec, eval_scenes).float().mean()), 3)
     if not quiet:
-        print(f"VAE: held-out PSNR {log['vae']['held_out_psnr_db']} dB, scaling factor {vae.config.scaling_factor}",
+        print(f"VAE: held-out PSNR {log['vae']['held_out_psnr_db']} dB, caption score of reconstructions "
+              f"{log['vae']['caption_score_of_reconstructions']}, scaling factor {vae.config.scaling_factor}",
               flush=True)
     return vae
 
