@@ -18,7 +18,7 @@ from diffaccel.pipelines import (
 )
 
 from .methods.base import MethodConfig, available_methods, method_class
-from .runtime import BlockInputHook, RunClock, SiteHook, Tracker
+from .runtime import BlockInputHook, RunClock, SiteHook, SkippableForward, Tracker
 from .sites import Site
 
 STATE_ATTR = "_diffaccel"
@@ -120,6 +120,10 @@ def _plan(model: torch.nn.Module, attr: str, configs: list[MethodConfig]) -> Den
         if len(reducers) > 1:
             raise ValueError(f"{' and '.join(reducers)} would both reduce the tokens of {site.name}; "
                              f"give them disjoint sites with their policies, or use one of them")
+        cachers = [m.name for m in here if m.caches]
+        if len(cachers) > 1:
+            raise ValueError(f"{' and '.join(cachers)} would both cache the outputs of {site.name}; "
+                             f"give them disjoint sites with their policies, or use one of them")
         if here:
             placements[site.index] = here
     return DenoiserState(attr, model, adapter, sites, placements)
@@ -141,7 +145,7 @@ def _warn_idle(configs: list[MethodConfig], states: list[DenoiserState]) -> None
 def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
     """Patch a diffusers pipeline (or a bare unet/transformer) in place with one or more methods.
 
-    `method` is a registered name ("tome", "todo", "sito"), a config object, a dict with a "method"
+    `method` is a registered name ("tome", "todo", "sito", "fora"), a config object, a dict with a "method"
     key, or a list of them to compose. Keyword overrides set config fields, e.g. ratio=0.6. For a bare
     denoiser, `num_steps=` tells the step count that schedules are laid over, and `cfg_batched=True`
     that its calls carry [uncond, cond] halves (which then share one token selection). Returns `pipe`.
@@ -190,6 +194,8 @@ def _install(st: DenoiserState, inst: Installation) -> None:
         st.hooks.append(hook)
         st.handles.append(site.module.register_forward_pre_hook(hook.pre_hook, with_kwargs=True))
         st.handles.append(site.module.register_forward_hook(hook.post_hook, with_kwargs=True))
+        if hook.caching is not None:
+            st.handles.append(SkippableForward(site.module, hook))
         if any(m.needs_block_input() for m in methods):
             blocks.add(site.block)
     for name in sorted(blocks):
@@ -202,9 +208,11 @@ def _install(st: DenoiserState, inst: Installation) -> None:
 
 def _uninstall(inst: Installation) -> None:
     for st in inst.denoisers:
-        for h in st.handles:
+        for h in reversed(st.handles):
             h.remove()
         st.handles.clear()
+        if st.tracker is not None:
+            st.tracker.release()
         st.hooks.clear()
         st.model.__dict__.pop(STATE_ATTR, None)
     inst.clock.detach()

@@ -73,8 +73,14 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
             done = {s: log[s][site.name] for s in sorted(log) if site.name in log[s]}
             row["last_run"] = {s: {"tokens": t, "computed": c, "keys_values": kv} for s, (t, c, kv) in done.items()}
             rows.append(row)
+        tracker = st.tracker if st else None
+        cache = None
+        if inst is not None and any(m.caches for m in inst.methods):
+            cache = dict(entries=len(tracker.cache) if tracker else 0,
+                         bytes=tracker.cache_bytes() if tracker else 0,
+                         peak_bytes=tracker.cache_peak_bytes if tracker else 0)
         out["denoisers"].append(dict(
-            attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout,
+            attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,
                                                      batch=last.batch, geometry=None if last.geometry is None
                                                      else vars(last.geometry).copy()),
@@ -89,6 +95,10 @@ def render_table(d: dict) -> str:
     lines.append(f"diffaccel: {head}; plan over {d['plan_steps']} steps")
     for den in d["denoisers"]:
         lines.append(f"\n[{den['attr']}] {den['family']}  (CFG layout: {den['cfg_layout']})")
+        if den.get("cache") is not None:
+            c = den["cache"]
+            lines.append(f"cache: {c['entries']} outputs held, {c['bytes'] / 2**20:.1f} MiB now; "
+                         f"peak {c['peak_bytes'] / 2**20:.1f} MiB in the last run (released when a run ends)")
         header = ["site", "kind", "depth", "level", "grid"] + names + ["last run (tokens -> computed)"]
         table = []
         for row in den["sites"]:
@@ -106,6 +116,8 @@ def render_table(d: dict) -> str:
                 c = [v["computed"] for v in runs.values()]
                 kv = [v["keys_values"] for v in runs.values()]
                 txt = f"{max(t)} -> {min(c)}..{max(c)} over {len(runs)} steps"
+                if c.count(0):
+                    txt += f", {c.count(0)} reused"
                 if min(kv) != max(t):
                     txt += f", kv {min(kv)}"
                 cells.append(txt)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .methods.base import MethodConfig, SiteCall
+from .methods.base import CacheEntry, MethodConfig, SiteCall
 from .sites import Geometry, Site
 
 
@@ -35,6 +35,7 @@ class RunClock:
         self.scheduler: Any = None
         self._pipe_ref: Any = None
         self._fixed_steps = num_steps
+        self.on_run_end: list = []  # called when the last step of a run is done (caches are released)
 
     # -- scheduler wrapping ------------------------------------------------------------------
     def attach(self, pipe: Any) -> None:
@@ -60,6 +61,8 @@ class RunClock:
             out = original_step(*args, **kwargs)
             clock.step += 1
             clock.calls_in_step = 0
+            if clock.num_steps and clock.step >= clock.num_steps:
+                clock.end_run()
             return out
 
         scheduler.set_timesteps = set_timesteps
@@ -82,6 +85,10 @@ class RunClock:
             self.detach()
             self._wrap(current)
             self.new_run(_count(getattr(current, "timesteps", None)))
+
+    def end_run(self) -> None:
+        for listener in self.on_run_end:
+            listener()
 
     def new_run(self, num_steps: int | None) -> None:
         self.run += 1
@@ -136,6 +143,26 @@ class Tracker:
         self._cfg_run: tuple[int, int] | None = None
         self._cfg_batched = False
         self.block_inputs: dict[str, torch.Tensor] = {}
+        # caching methods: (CFG branch, site index) -> CacheEntry, for the run `_cache_run`
+        self.cache: dict[tuple[str, int], CacheEntry] = {}
+        self._cache_run = -1
+        self._cache_bytes = 0
+        self.cache_peak_bytes = 0
+        clock.on_run_end.append(self.release)
+
+    def release(self) -> None:
+        """Drop every cached output (at the end of each run, before a new one, and on removal)."""
+        self.cache.clear()
+        self._cache_bytes = 0
+
+    def cache_bytes(self) -> int:
+        return self._cache_bytes
+
+    def store(self, key: tuple[str, int], entry: CacheEntry) -> None:
+        old = self.cache.get(key)
+        self._cache_bytes += _nbytes(entry.output) - (_nbytes(old.output) if old is not None else 0)
+        self.cache[key] = entry
+        self.cache_peak_bytes = max(self.cache_peak_bytes, self._cache_bytes)
 
     def pre_hook(self, module, args, kwargs):
         clock = self.clock
@@ -162,6 +189,9 @@ class Tracker:
             branch = "cond"
         if self._log_run != clock.run:
             self.log, self._log_run = {}, clock.run
+        if self._cache_run != clock.run:  # a new run (or one after an interrupted run) starts empty
+            self.release()
+            self._cache_run, self.cache_peak_bytes = clock.run, 0
         self.block_inputs.clear()  # an interrupted call may have left some behind
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
@@ -172,7 +202,18 @@ class Tracker:
 
     def post_hook(self, module, args, kwargs, output):
         self.last, self.ctx = self.ctx, None
+        clock = self.clock
+        if not clock.driven and clock.num_steps and self.last is not None and self.last.step + 1 >= clock.num_steps:
+            self.release()  # a bare denoiser's run ends with its last counted step
         return None
+
+
+def _nbytes(output: Any) -> int:
+    if isinstance(output, torch.Tensor):
+        return output.numel() * output.element_size()
+    if isinstance(output, (tuple, list)):
+        return sum(_nbytes(o) for o in output)
+    return 0
 
 
 class BlockInputHook:
@@ -191,32 +232,58 @@ class BlockInputHook:
 
 
 class SiteHook:
-    """Forward pre/post hooks on one site's module, running the methods installed there in order."""
+    """Forward pre/post hooks on one site's module, running the methods installed there in order.
+
+    A caching method may answer that this call reuses its cached output: the pre-hook then hands that
+    output to the module's forward wrapper (`SkippableForward`), the module does not run, and no other
+    method acts. Otherwise the token methods rewrite the call, and the post-hook restores the output
+    and, for a caching method, stores it."""
 
     def __init__(self, site: Site, tracker: Tracker, methods: list[MethodConfig]):
         self.site = site
         self.tracker = tracker
         self.methods = sorted(methods, key=lambda m: m.priority)
         self.policies = [m.effective_policy() for m in self.methods]
+        self.caching = next((i for i, m in enumerate(self.methods) if m.caches), None)
         self._cache_key: tuple | None = None
         self._params: list[dict | None] = []
+        self._idle = True
         self._restores: list | None = None
+        self._store: tuple | None = None  # (cache key, signature, step) to store this call's output under
+        self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
 
     def pre_hook(self, module, args, kwargs):
-        self._restores = None
+        self._restores, self._store, self.reuse_output = None, None, None
         ctx = self.tracker.ctx
         if ctx is None:
             return None
         key = (ctx.run, ctx.step, ctx.num_steps)
         if key != self._cache_key:
             self._cache_key, self._params = key, self.params_at(ctx.step, ctx.num_steps)
-        active = [(m, p) for m, p in zip(self.methods, self._params) if p is not None]
-        if not active:
+            self._idle = all(p is None for p in self._params)
+        if self._idle:
             return None
         call = SiteCall(args, kwargs)
+        if self.caching is not None and self._params[self.caching] is not None:
+            method, params = self.methods[self.caching], self._params[self.caching]
+            cache_key = (ctx.branch, self.site.index)
+            signature = (ctx.batch, ctx.geometry, tuple(call.hidden.shape))
+            entry = self.tracker.cache.get(cache_key)
+            if entry is not None and entry.signature == signature and method.reuses(self.site, ctx, params, entry):
+                self.reuse_output = entry.output
+                n = call.hidden.shape[1]
+                ctx.log[self.site.name] = (n, 0, 0)
+                return None
+            self._store = (cache_key, signature, ctx.step)
+        active = [(m, p) for m, p in zip(self.methods, self._params) if p is not None and not m.caches]
+        if not active:
+            if self._store is not None:
+                n = call.hidden.shape[1]
+                ctx.log[self.site.name] = (n, n, n)
+            return None
         n = call.hidden.shape[1]
         for method, params in active:
             method.act(self.site, ctx, params, call)
@@ -228,8 +295,42 @@ class SiteHook:
 
     def post_hook(self, module, args, kwargs, output):
         restores, self._restores = self._restores, None
-        if not restores:
+        if self.reuse_output is not None:
+            self.reuse_output = None
             return None
-        for restore in reversed(restores):
-            output = restore(output)
-        return output
+        if restores:
+            for restore in reversed(restores):
+                output = restore(output)
+        if self._store is not None:
+            key, signature, step = self._store
+            self._store = None
+            self.tracker.store(key, CacheEntry(output, step, signature))
+        return output if restores else None
+
+
+_MISSING = object()
+
+
+class SkippableForward:
+    """Stands in for a module's `forward` (an instance attribute over the class's method) so that a
+    call can return a cached output without running; otherwise it calls the forward it replaced.
+    `remove` puts back exactly what was there (another library's forward wrapper included)."""
+
+    def __init__(self, module: torch.nn.Module, hook: SiteHook):
+        self.module, self.hook = module, hook
+        self.previous = module.__dict__.get("forward", _MISSING)
+        self.inner = module.forward
+        module.forward = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.hook.reuse_output
+        if out is not None:
+            return out
+        return self.inner(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            if self.previous is _MISSING:
+                del self.module.__dict__["forward"]
+            else:
+                self.module.__dict__["forward"] = self.previous

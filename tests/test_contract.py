@@ -14,15 +14,22 @@ from diffaccel.pipelines import DENOISER_ATTRS
 TOKEN_FAMILIES = ["sd1", "sdxl", "pixart", "dit"]  # families the token methods act on
 OTHER_FAMILIES = ["sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video", "ltx"]
 METHODS = ["tome", "todo", "sito"]
-ZERO = {"tome": {"ratio": 0.0}, "todo": {"factor": 1.0}, "sito": {"ratio": 0.0}}
+CACHING = ["fora"]  # act on every family: they reuse whole sub-layer outputs, whatever the token layout
+ZERO = {"tome": {"ratio": 0.0}, "todo": {"factor": 1.0}, "sito": {"ratio": 0.0}, "fora": {"interval": 1}}
 
-CASES = [(f, m) for f in TOKEN_FAMILIES for m in METHODS] + [(f, "tome") for f in OTHER_FAMILIES]
-CASES_COMPOSED = [(f, ("todo", "tome")) for f in TOKEN_FAMILIES]
+CASES = ([(f, m) for f in TOKEN_FAMILIES for m in METHODS] + [(f, "tome") for f in OTHER_FAMILIES]
+         + [(f, m) for f in TOKEN_FAMILIES + OTHER_FAMILIES for m in CACHING])
+CASES_COMPOSED = [(f, ("todo", "tome")) for f in TOKEN_FAMILIES] + [(f, ("fora", "tome")) for f in TOKEN_FAMILIES]
+
+
+def acts_on(family, method):
+    names = method if isinstance(method, tuple) else (method,)
+    return family in TOKEN_FAMILIES or any(m in CACHING for m in names)
 
 
 def accelerate(pipe, family, method, **kw):
     """accelerate_pipeline, checking the warning that families the methods skip must give."""
-    if family in OTHER_FAMILIES:
+    if not acts_on(family, method):
         with pytest.warns(UserWarning, match="acts on no site"):
             return accelerate_pipeline(pipe, list(method) if isinstance(method, tuple) else method, **kw)
     with warnings.catch_warnings():
@@ -63,9 +70,12 @@ def test_acts_and_removal_is_bit_exact(make_case, family, method):
     out = case.run()
     info = describe(case.pipe)
     done = [v for d in info["denoisers"] for s in d["sites"] for v in s["last_run"].values()]
-    if family in TOKEN_FAMILIES:
+    if acts_on(family, method):
         assert not torch.equal(out, base), "the method changed nothing"
-        assert done and all(v["computed"] < v["tokens"] or v["keys_values"] < v["tokens"] for v in done)
+        reduced = [v for v in done if v["computed"] < v["tokens"] or v["keys_values"] < v["tokens"]]
+        assert done and (reduced == done or "fora" in method), done
+        if "fora" in method:  # interval 3 over 3 steps: computed at a denoiser's first step, then reused
+            assert [v for v in done if v["computed"] == 0], done
     else:
         assert torch.equal(out, base) and not done
     remove_acceleration(case.pipe)
@@ -207,7 +217,7 @@ def test_cfg_off_selects_per_row(make_case):
 
 
 BAD = [
-    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['sito', 'todo', 'tome'\]"),
+    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['fora', 'sito', 'todo', 'tome'\]"),
     (("tome",), {"ratio": 1.5}, ValueError, r"ToMeConfig.ratio must be in \[0.0, 0.75\]"),
     (("tome",), {"ratio": -0.1}, ValueError, r"ToMeConfig.ratio must be in"),
     (("tome",), {"ratio": "0.5"}, TypeError, r"ToMeConfig.ratio must be a number"),

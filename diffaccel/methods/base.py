@@ -40,6 +40,16 @@ def method_class(name: str) -> type[MethodConfig]:
     return cls
 
 
+@dataclass
+class CacheEntry:
+    """A sub-layer output kept for reuse at later steps: the step it was computed at, and the shape of
+    the call it belongs to (an entry never serves a call of another shape)."""
+
+    output: Any
+    step: int
+    signature: tuple
+
+
 class SiteCall:
     """One call of a site's module, as methods rewrite it: its hidden states, its keyword arguments,
     and the functions that turn the reduced output back into a full one."""
@@ -97,6 +107,9 @@ class MethodConfig:
     reduces_tokens: ClassVar[bool] = False
     # Policy parameters the method reads, as name -> config field giving the default.
     params: ClassVar[tuple[str, ...]] = ()
+    # Whether the method reuses whole sub-layer outputs across steps (at most one per site): the
+    # runtime then keeps a cache per site and CFG branch and asks `reuses` whether to skip the call.
+    caches: ClassVar[bool] = False
 
     def __post_init__(self):
         policy = self.policy
@@ -145,7 +158,11 @@ class MethodConfig:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Rewrite the call (token methods). Caching methods act through `reuses` instead."""
+
+    def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+        """Caching methods: whether this call returns the cached output instead of running."""
+        return False
 
     # -- shared ------------------------------------------------------------------------------
     def effective_policy(self) -> Policy:

@@ -1,0 +1,60 @@
+"""FORA (Selvaraju et al., 2024): reuse each sub-layer's output for several denoising steps.
+
+Every `interval` steps each selected sub-layer (self-attention, cross-attention, feed-forward of
+every block) runs and its output is stored; on the steps between, the stored output is returned and
+the sub-layer does not run. What a block does around its sub-layers (adaLN shifts, scales and
+gates, residual additions) still runs at every step, with that step's timestep. `warmup` steps at
+the start of the run are computed in full (ToCa's Flux setting computes the first 3). The paper's
+default: interval 3 on every sub-layer.
+
+A cache entry serves only calls of the same run, CFG branch, batch and token count; anything else
+is recomputed. Caches are released when the run ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy import Policy, Rule, Selector, Window
+from ..sites import Site
+from .base import CacheEntry, MethodConfig, check_number, register
+
+SUBLAYERS = ("self_attn", "cross_attn", "ff")
+
+
+@register
+@dataclass(frozen=True)
+class FORAConfig(MethodConfig):
+    """interval: steps one computed output serves (1: compute every step, the baseline).
+    warmup: steps at the start of the run that are always computed."""
+
+    interval: int = 3
+    warmup: int = 0
+    policy: Policy | dict | str | None = None
+
+    name = "fora"
+    caches = True
+    params = ("interval",)
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_number(n, "interval", self.interval, 1, 1000, integer=True)
+        check_number(n, "warmup", self.warmup, 0, 100_000, integer=True)
+
+    def check_param(self, key: str, value: float) -> None:
+        # schedules may give fractional intervals; they are rounded when used
+        check_number(type(self).__name__, key, value, 1, 1000)
+
+    def default_policy(self) -> Policy:
+        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval},
+                            Window(self.warmup, None, "step")),))
+
+    def unsupported(self, site: Site) -> str | None:
+        return "acts on sub-layers, not whole blocks" if site.kind == "block" else None
+
+    def is_identity(self, params: dict) -> bool:
+        return round(params["interval"]) <= 1
+
+    def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+        return ctx.step - entry.step < round(params["interval"])
