@@ -26,15 +26,30 @@ def _method_arg(text: str):
     return d
 
 
+DEFAULT_PROMPT = "a large red circle at the top left and a small blue square at the bottom right on a white background"
+MODELS = {"unet": "the trained reference SD-style U-Net pipeline", "dit": "the trained reference PixArt-style DiT "
+          "pipeline", "random-sd": "an SD-architecture pipeline with random weights (no redundancy to exploit)"}
+
+
+def _load_model(name: str, weights: str | None):
+    """(pipeline, default size, default steps, description) of a `diffaccel run --model` choice."""
+    if name == "random-sd":
+        from .tiny import default_pipeline
+
+        return default_pipeline(), 512, 10, MODELS[name]
+    from .reference import load_reference_pipeline
+
+    return load_reference_pipeline(name, path=weights), 256, 20, MODELS[name]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import accelerate_pipeline, describe, remove_acceleration
     from .metrics import psnr, relative_error, time_call
-    from .tiny import default_pipeline
 
     torch.set_num_threads(args.threads) if args.threads else None
-    pipe = default_pipeline()
-    print(f"embedded default: SD-architecture pipeline, random weights, {args.size}x{args.size}, {args.steps} steps, "
-          f"batch {args.batch}, prompt {args.prompt!r}")
+    pipe, size, steps, what = _load_model(args.model, args.weights)
+    args.size, args.steps = args.size or size, args.steps or steps
+    print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, prompt {args.prompt!r}")
 
     def generate():
         gen = [torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)]
@@ -93,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="accelerate the embedded default pipeline, print speed-up and fidelity")
-    run.add_argument("--methods", nargs="+", default=["tome", "todo", "sito"],
+    run.add_argument("--methods", nargs="+", default=["tome", "todo", "sito", "fora"],
                      help="methods to compare, e.g. tome tome:ratio=0.6 todo:factor=3")
-    run.add_argument("--prompt", default="a red circle at the top left on a blue background")
-    run.add_argument("--size", type=int, default=512)
-    run.add_argument("--steps", type=int, default=10)
+    run.add_argument("--model", choices=list(MODELS), default="random-sd",
+                     help="; ".join(f"{k}: {v}" for k, v in MODELS.items()) + " (default: random-sd)")
+    run.add_argument("--weights", default=None, help="unet/dit: a folder written by `python -m "
+                                                     "diffaccel.reference.train` (default: the packaged weights)")
+    run.add_argument("--prompt", default=DEFAULT_PROMPT, help="default: a caption held out of training")
+    run.add_argument("--size", type=int, default=None, help="pixels (default: 256 for unet/dit, 512 for random-sd)")
+    run.add_argument("--steps", type=int, default=None, help="default: 20 for unet/dit, 10 for random-sd")
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--repeats", type=int, default=1)

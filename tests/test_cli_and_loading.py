@@ -36,11 +36,15 @@ def test_from_pretrained_safetensors_round_trip(source, tmp_path, request):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_main_job_prints_speedup_and_fidelity(capsys):
+def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
     assert main(["run", "--size", "128", "--steps", "2", "--methods", "tome", "todo:factor=2,mode=avg"]) == 0
     out = capsys.readouterr().out
+    assert "random weights" in out and "128x128" in out
     assert "speed-up" in out and "PSNR" in out
     assert "tome" in out and "todo:factor=2,mode=avg" in out
+    assert main(["run", "--model", "dit", "--weights", str(smoke_weights), "--steps", "3", "--methods", "fora"]) == 0
+    out = capsys.readouterr().out
+    assert "reference PixArt-style DiT" in out and "256x256" in out and "fora" in out
 
 
 def test_method_arg_parsing():

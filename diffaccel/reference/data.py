@@ -62,16 +62,17 @@ class Scene:
 
     @property
     def caption(self) -> str:
+        article = "an" if self.background[0][0] in "aeiou" else "a"
         if len(self.background) == 1:
-            bg = f"on a {self.background[0]} background"
+            bg = f"on {article} {self.background[0]} background"
         else:
-            bg = f"on a {self.background[0]} to {self.background[1]} gradient"
+            bg = f"on {article} {self.background[0]} to {self.background[1]} gradient"
         return " and ".join(s.phrase for s in self.shapes) + " " + bg
 
 
 def vocabulary() -> list[str]:
     """Every word a caption can use, in a fixed order."""
-    words = ["a", "and", "on", "to", "background", "gradient", *SIZES, *COLOURS, *SHAPES]
+    words = ["a", "an", "and", "on", "to", "background", "gradient", *SIZES, *COLOURS, *SHAPES]
     for phrase in POSITIONS:
         words += [w for w in phrase.split() if w not in words]
     return list(dict.fromkeys(words))

@@ -7,7 +7,7 @@ Stages, in order: the tokenizer and the frozen text encoder (seeded, not trained
 64x64 crops mostly centred on shapes (cheap, as it is fully convolutional), then on whole images so
 that its group-norm statistics and borders are those of whole images; a cache of VAE latents of
 training scenes; the U-Net; the DiT.
-Denoisers learn epsilon-prediction on SD's scaled-linear schedule with min-SNR-5 loss weights, 10%
+Denoisers learn v-prediction (as SD 2) on SD's scaled-linear schedule with min-SNR-5 loss weights, 10%
 empty captions (for classifier-free guidance), bf16 autocast, AdamW with warm-up and cosine decay,
 and an EMA of the weights, which is what gets saved. Text embeddings come from each pipeline's own
 `encode_prompt`, so training sees exactly what inference feeds. Writes `save_pretrained` folders
@@ -33,13 +33,14 @@ from . import data
 from .models import IMAGE_SIZE, make_text_encoder, make_tokenizer, make_transformer, make_unet, make_vae
 
 # steps at --scale 1, chosen to take about an hour in all on 2 CPU cores
-STEPS = {"vae": 2000, "vae_full": 150, "unet": 1600, "dit": 1600}
+STEPS = {"vae": 1200, "vae_full": 300, "unet": 1800, "dit": 1800}
 BATCH = {"vae": 16, "vae_full": 4, "unet": 16, "dit": 16}
 LR = {"vae": 1e-3, "vae_full": 3e-4, "unet": 5e-4, "dit": 5e-4}
 PLOTTED = ("vae", "vae_full", "unet", "dit")
 N_LATENTS = 6_000
 CROP = 64
 SHAPE_CROP_P = 0.75
+INITIAL_LOGVAR = -6.0
 EMPTY_CAPTION_P = 0.1
 MIN_SNR = 5.0
 
@@ -47,7 +48,8 @@ MIN_SNR = 5.0
 def train_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="v_prediction", steps_offset=1)
 
 
 def inference_scheduler():
@@ -136,6 +138,10 @@ def _mean(xs):
 def train_vae(steps: int, full_steps: int, seed: int, log: dict, quiet: bool):
     torch.manual_seed(seed)
     vae = make_vae()
+    with torch.no_grad():  # posterior std starts at exp(-3), not ~1: unit noise would drown the early latents
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(INITIAL_LOGVAR)
     vae.train()
     stream = data.scenes(seed)
     rng = random.Random(seed)
@@ -209,7 +215,11 @@ def cache_latents(vae, n: int, seed: int, log: dict, quiet: bool):
 
 
 def train_denoiser(stage: str, model, pipe, cache, steps: int, seed: int, log: dict, quiet: bool):
-    """Epsilon-prediction with min-SNR weights; `pipe` supplies encode_prompt. Returns the EMA model."""
+    """v-prediction with min-SNR weights; `pipe` supplies encode_prompt. Returns the EMA model.
+
+    v-prediction rather than epsilon: at high noise, where the layout and colours a caption asks for
+    are decided, an epsilon loss hardly depends on the image (a first run with it learned to ignore
+    the captions), while v there is mostly the clean latent."""
     means, stds, captions = cache
     sched = train_scheduler()
     alphas = sched.alphas_cumprod
@@ -242,8 +252,9 @@ def train_denoiser(stage: str, model, pipe, cache, steps: int, seed: int, log: d
             else:
                 pred = model(noisy, timestep=t, **kwargs).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=MIN_SNR) / snr
-        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        weight = snr.clamp(max=MIN_SNR) / (snr + 1)  # min-SNR-gamma for v-prediction
+        target = sched.get_velocity(latents, noise, t)
+        per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
         return (weight * per_sample).mean()
 
     _optimise(model, stage, steps, loss_fn, log, quiet, ema=ema)
@@ -296,6 +307,20 @@ def train(out: str | Path, scale: float = 1.0, seed: int = 0, n_latents: int | N
     log: dict = {"command": " ".join([Path(sys.executable).name, "-m", "diffaccel.reference.train", *sys.argv[1:]]),
                  "seed": seed, "scale": scale, "torch": torch.__version__, "threads": torch.get_num_threads()}
     started = time.time()
+    path = out / "training_log.json"
+    # a partial re-run keeps the other stages' entries
+    previous = json.loads(path.read_text()) if path.exists() and set(stages) != {"vae", "unet", "dit"} else None
+
+    def save() -> dict:
+        """Write the log and the loss plot: after every stage, so a stopped run keeps what it finished."""
+        log["seconds"] = round(time.time() - started, 1)
+        merged = log if previous is None else {
+            **previous, **log, "runs": [*previous.get("runs", [previous["command"]]), log["command"]]}
+        merged["total_training_seconds"] = round(
+            sum(merged[k]["seconds"] for k in (*PLOTTED, "latents") if k in merged), 1)
+        path.write_text(json.dumps(merged) + "\n")
+        (out / "loss.svg").write_text(loss_svg(merged))
+        return merged
 
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
@@ -307,6 +332,7 @@ def train(out: str | Path, scale: float = 1.0, seed: int = 0, n_latents: int | N
     if "vae" in stages:
         vae = train_vae(steps["vae"], steps["vae_full"], seed, log, quiet)
         vae.save_pretrained(out / "vae")
+        save()
     else:
         from diffusers import AutoencoderKL
 
@@ -320,6 +346,7 @@ def train(out: str | Path, scale: float = 1.0, seed: int = 0, n_latents: int | N
         unet = make_unet()
         pipe = sd_pipeline(text_encoder, tokenizer, vae, unet)
         train_denoiser("unet", unet, pipe, cache, steps["unet"], seed + 1, log, quiet).save_pretrained(out / "unet")
+        save()
     if "dit" in stages:
         torch.manual_seed(seed + 2)
         transformer = make_transformer()
@@ -327,15 +354,7 @@ def train(out: str | Path, scale: float = 1.0, seed: int = 0, n_latents: int | N
         train_denoiser("dit", transformer, pipe, cache, steps["dit"], seed + 2, log,
                        quiet).save_pretrained(out / "transformer")
 
-    log["seconds"] = round(time.time() - started, 1)
-    path = out / "training_log.json"
-    if path.exists() and set(stages) != {"vae", "unet", "dit"}:  # a partial re-run keeps the other stages' entries
-        previous = json.loads(path.read_text())
-        log = {**previous, **log, "runs": [*previous.get("runs", [previous["command"]]), log["command"]]}
-    log["total_training_seconds"] = round(sum(log[k]["seconds"] for k in (*PLOTTED, "latents") if k in log), 1)
-    path.write_text(json.dumps(log) + "\n")
-    (out / "loss.svg").write_text(loss_svg(log))
-    return log
+    return save()
 
 
 def main(argv: list[str] | None = None) -> int:
