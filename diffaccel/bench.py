@@ -11,7 +11,6 @@ import json
 import platform
 import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -114,13 +113,167 @@ def run_bench(args: argparse.Namespace) -> dict:
             results.append(row)
             print(f"{size:>5} {label:<32} {t:8.2f}s {row['speedup']:6.2f}x  rel.err {err:.4f}", flush=True)
     return dict(
-        command="diffaccel bench " + " ".join(shlex.quote(a) for a in args.argv),
+        command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv),
         arch=args.arch, cfg_pairs=args.cfg, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
         platform=platform.platform(), date=time.strftime("%Y-%m-%d"), results=results)
 
 
+# -- caching methods: whole runs, FLOPs counted by torch.utils.flop_counter ---------------------
+
+CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "tiny-pixart")
+# The papers' settings per architecture (ToCa: PixArt-alpha N=3 R=0.3; Flux N=4 R=0.1, first 3 steps
+# full; DuCa: PixArt N=3 R=0.75; FORA: N=3).
+PAPER_SETTINGS = {
+    "pixart": [("fora N=3", {"method": "fora", "interval": 3}),
+               ("toca N=3 R=0.3", {"method": "toca", "interval": 3, "fresh_ratio": 0.3}),
+               ("duca N=3 R=0.75", {"method": "duca", "interval": 3, "fresh_ratio": 0.75})],
+    "flux": [("fora N=3", {"method": "fora", "interval": 3}),
+             ("toca N=4 R=0.1 warmup=3", {"method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
+             ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
+             # flux-ToCa's own schedule: no step factor, depth weight 0.5, double-stream blocks x0.4 and
+             # single-stream x1.6, attention reused whole
+             ("toca N=4 R=0.1 warmup=3, flux schedule", {
+                 "method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3, "depth_weight": 0.5,
+                 "policy": {"rules": [
+                     {"select": {"kind": ["self_attn", "cross_attn", "ff"]},
+                      "params": {"interval": 4, "fresh_ratio": 0.0}, "when": {"start": 3, "unit": "step"}},
+                     {"select": {"kind": "ff", "name": "transformer_blocks.*"},
+                      "params": {"interval": 4, "fresh_ratio": 0.04}, "when": {"start": 3, "unit": "step"}},
+                     {"select": {"kind": "ff", "name": "single_transformer_blocks.*"},
+                      "params": {"interval": 4, "fresh_ratio": 0.16}, "when": {"start": 3, "unit": "step"}}]}})],
+}
+
+
+def caching_arch(name: str) -> tuple[torch.nn.Module, object]:
+    """(model, inputs(batch, step, num_steps, device) -> call kwargs), random weights, in eval mode.
+    Built on the current default device (the FLOP count builds on "meta": nothing is computed)."""
+    if name in ("pixart-alpha", "tiny-pixart"):
+        from diffusers import PixArtTransformer2DModel
+
+        big = name == "pixart-alpha"  # PixArt-alpha XL/2: 28 blocks, width 1152, T5 captions; 256 px
+        model = PixArtTransformer2DModel(
+            sample_size=32 if big else 8, num_layers=28 if big else 2, num_attention_heads=16 if big else 2,
+            attention_head_dim=72 if big else 8, in_channels=4, out_channels=8, patch_size=2,
+            cross_attention_dim=1152 if big else 16, caption_channels=4096 if big else 32,
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            use_additional_conditions=False)
+        size, text, width = (32, 120, 4096) if big else (8, 8, 32)
+
+        def inputs(batch, step, num_steps, device):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(batch, 4, size, size, generator=gen)
+            enc = torch.randn(batch, text, width, generator=torch.Generator().manual_seed(-1))
+            t = torch.full((2 * batch,), 999 * (1 - step / num_steps))
+            return dict(hidden_states=torch.cat([x, x]).to(device), encoder_hidden_states=torch.cat([enc, enc]).to(device),
+                        timestep=t.to(device), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+        return model.eval(), inputs
+    from diffusers import FluxTransformer2DModel
+
+    # FLUX.1 at full width (24 heads x 128, T5 width 4096) with 2 double-stream and 4 single-stream
+    # blocks; 512 px: 32 x 32 packed latent tokens and 512 text tokens, guidance-distilled (one call per step)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+    def inputs(batch, step, num_steps, device):
+        gen = torch.Generator().manual_seed(step)
+        ids = torch.zeros(32, 32, 3)
+        ids[..., 1] = torch.arange(32)[:, None]
+        ids[..., 2] = torch.arange(32)[None, :]
+        return dict(hidden_states=torch.randn(batch, 1024, 64, generator=gen).to(device),
+                    encoder_hidden_states=torch.randn(batch, 512, 4096, generator=torch.Generator().manual_seed(-1)).to(device),
+                    pooled_projections=torch.randn(batch, 768, generator=torch.Generator().manual_seed(-2)).to(device),
+                    timestep=torch.full((batch,), 1 - step / num_steps).to(device),
+                    img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(512, 3).to(device),
+                    guidance=torch.full((batch,), 3.5).to(device))
+
+    return model.eval(), inputs
+
+
+def _run_steps(model, inputs, steps: int, device) -> torch.Tensor:
+    out = None
+    with torch.no_grad():
+        for step in range(steps):
+            out = model(**inputs(1, step, steps, device)).sample
+    return out
+
+
+def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
+    """Total FLOPs of `steps` denoiser calls per configuration, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model, inputs = caching_arch(arch)
+    flops = {}
+    for label, spec in settings:
+        remove = _ours_steps(model, spec, steps, arch) if spec else None
+        try:
+            with FlopCounterMode(display=False) as counter:
+                _run_steps(model, inputs, steps, "meta")
+        finally:
+            if remove:
+                remove()
+        flops[label] = counter.get_total_flops()
+    return flops
+
+
+def _ours_steps(model, spec, steps: int, arch: str):
+    from . import accelerate_pipeline, remove_acceleration
+
+    accelerate_pipeline(model, spec, num_steps=steps, cfg_batched="pixart" in arch)
+    return lambda: remove_acceleration(model)
+
+
+def run_caching_bench(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    family = "flux" if args.arch.startswith("flux") else "pixart"
+    settings = [("baseline", None), *PAPER_SETTINGS[family],
+                # installed, but its policy idle at every step: the cost of being there
+                ("toca idle (warmup >= steps)", {"method": "toca", "warmup": 10_000})]
+    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch,
+                        device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+                        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), flops={}, latency=[])
+    for steps in args.flop_steps:
+        flops = caching_flops(args.arch, steps, settings)
+        report["flops"][steps] = {k: {"flops": v, "speedup": flops["baseline"] / v} for k, v in flops.items()}
+        for k, v in flops.items():
+            print(f"FLOPs {steps:>3} steps  {k:<28} {v / 1e12:9.2f} TFLOP {flops['baseline'] / v:6.2f}x", flush=True)
+    if args.steps:
+        torch.manual_seed(0)
+        model, inputs = caching_arch(args.arch)
+        times: dict[str, list[float]] = {k: [] for k, _ in settings}
+        outs: dict[str, torch.Tensor] = {}
+        for r in range(args.warmup + args.repeats):
+            for label, spec in settings:
+                remove = _ours_steps(model, spec, args.steps, args.arch) if spec else None
+                try:
+                    t0 = time.perf_counter()
+                    out = _run_steps(model, inputs, args.steps, "cpu")
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    if remove:
+                        remove()
+                if r >= args.warmup:
+                    times[label].append(elapsed)
+                    outs[label] = out
+        base = statistics.median(times["baseline"])
+        flop_speedup = report["flops"].get(args.steps, {})
+        for label, _ in settings:
+            t = statistics.median(times[label])
+            row = dict(config=label, steps=args.steps, seconds=t, speedup=base / t,
+                       flop_speedup=flop_speedup.get(label, {}).get("speedup"),
+                       rel_error_last_step=relative_error(outs[label], outs["baseline"]), runs=len(times[label]))
+            report["latency"].append(row)
+            print(f"latency {args.steps} steps {label:<28} {t:8.2f}s {row['speedup']:6.2f}x"
+                  f"  (FLOPs {row['flop_speedup'] or float('nan'):.2f}x)  rel.err {row['rel_error_last_step']:.4f}",
+                  flush=True)
+    return report
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    report = run_bench(args)
+    report = run_caching_bench(args) if args.arch in CACHE_ARCHS else run_bench(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -130,7 +283,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up and error of the methods and peers on a full-size architecture")
-    p.add_argument("--arch", choices=ARCHS, default="sd15")
+    p.add_argument("--arch", choices=ARCHS + CACHE_ARCHS, default="sd15",
+                   help="sd15: per-call token methods and peers; pixart-alpha, flux-2x4: whole runs of the caching "
+                        "methods at the papers' settings, FLOPs (meta device) and latency")
+    p.add_argument("--flop-steps", type=int, nargs="+", default=[20, 50], help="caching archs: runs to count FLOPs of")
+    p.add_argument("--steps", type=int, default=20, help="caching archs: steps of the timed runs (0: FLOPs only)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe/SiTo ratio")
@@ -144,4 +301,4 @@ def add_bench_parser(sub) -> None:
                         "token selection")
     p.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")
     p.add_argument("--out", help="write the JSON report here")
-    p.set_defaults(func=cmd_bench, argv=sys.argv[2:])
+    p.set_defaults(func=cmd_bench)

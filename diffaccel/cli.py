@@ -79,7 +79,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from .reference import data, load_reference_pipeline
     from .reference.evaluate import caption_following, random_weight_copy, sample_grid, step_redundancy
 
-    report: dict = {"command": "diffaccel " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+    report: dict = {"command": "diffaccel " + " ".join(args.argv),
                     "n": args.n, "steps": args.steps}
     prompts = [s.caption for s in data.evaluation_scenes(4, seed=1)]
     for kind in args.kinds:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--out", default=None, help="write the figures as JSON here")
     ref.set_defaults(func=cmd_reference)
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return args.func(args)

@@ -124,6 +124,7 @@ class Context:
     log: dict = field(repr=False, default_factory=dict)
     block_inputs: dict = field(repr=False, default_factory=dict)  # block path -> its hidden-state input
     shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
+    state: dict = field(repr=False, default_factory=dict)  # per-run state of caching methods (per block)
 
 
 class Tracker:
@@ -145,6 +146,7 @@ class Tracker:
         self.block_inputs: dict[str, torch.Tensor] = {}
         # caching methods: (CFG branch, site index) -> CacheEntry, for the run `_cache_run`
         self.cache: dict[tuple[str, int], CacheEntry] = {}
+        self.state: dict = {}  # what caching methods keep per run beside the entries (e.g. per-block scores)
         self._cache_run = -1
         self._cache_bytes = 0
         self.cache_peak_bytes = 0
@@ -153,6 +155,7 @@ class Tracker:
     def release(self) -> None:
         """Drop every cached output (at the end of each run, before a new one, and on removal)."""
         self.cache.clear()
+        self.state.clear()
         self._cache_bytes = 0
 
     def cache_bytes(self) -> int:
@@ -160,7 +163,7 @@ class Tracker:
 
     def store(self, key: tuple[str, int], entry: CacheEntry) -> None:
         old = self.cache.get(key)
-        self._cache_bytes += _nbytes(entry.output) - (_nbytes(old.output) if old is not None else 0)
+        self._cache_bytes += _entry_bytes(entry) - (_entry_bytes(old) if old is not None else 0)
         self.cache[key] = entry
         self.cache_peak_bytes = max(self.cache_peak_bytes, self._cache_bytes)
 
@@ -183,7 +186,8 @@ class Tracker:
             self._cfg_run, self._cfg_batched = key, batched
         if self._cfg_batched:
             branch = "cond_uncond"
-        elif self.adapter.cfg_layout == "separate" and clock.calls_in_step % 2 == 1:
+        elif self.adapter.cfg_layout == "separate" and clock.driven and clock.calls_in_step % 2 == 1:
+            # (a bare denoiser has no step boundaries: each of its calls is a step of the one branch)
             branch = "uncond"
         else:
             branch = "cond"
@@ -196,7 +200,7 @@ class Tracker:
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
-                           self.block_inputs)
+                           self.block_inputs, state=self.state)
         clock.calls_in_step += 1
         return None
 
@@ -214,6 +218,10 @@ def _nbytes(output: Any) -> int:
     if isinstance(output, (tuple, list)):
         return sum(_nbytes(o) for o in output)
     return 0
+
+
+def _entry_bytes(entry: CacheEntry) -> int:
+    return _nbytes(entry.output) + _nbytes(list(entry.extra.values()))
 
 
 class BlockInputHook:
@@ -234,10 +242,11 @@ class BlockInputHook:
 class SiteHook:
     """Forward pre/post hooks on one site's module, running the methods installed there in order.
 
-    A caching method may answer that this call reuses its cached output: the pre-hook then hands that
-    output to the module's forward wrapper (`SkippableForward`), the module does not run, and no other
-    method acts. Otherwise the token methods rewrite the call, and the post-hook restores the output
-    and, for a caching method, stores it."""
+    A caching method plans each call against its cache entry: "reuse" hands the cached output to the
+    module's forward wrapper (`SkippableForward`), the module does not run, and no other method acts;
+    "partial" lets the method rewrite the call to a subset of tokens whose outputs it writes into the
+    entry; "compute" runs the call in full and stores its output. Token methods rewrite the call, and
+    the post-hook restores the output."""
 
     def __init__(self, site: Site, tracker: Tracker, methods: list[MethodConfig]):
         self.site = site
@@ -249,7 +258,7 @@ class SiteHook:
         self._params: list[dict | None] = []
         self._idle = True
         self._restores: list | None = None
-        self._store: tuple | None = None  # (cache key, signature, step) to store this call's output under
+        self._store: tuple | None = None  # (cache key, signature, step, input) to store this call's output under
         self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
@@ -267,26 +276,35 @@ class SiteHook:
         if self._idle:
             return None
         call = SiteCall(args, kwargs)
+        n = call.hidden.shape[1]
+        partial = None
         if self.caching is not None and self._params[self.caching] is not None:
             method, params = self.methods[self.caching], self._params[self.caching]
             cache_key = (ctx.branch, self.site.index)
             signature = (ctx.batch, ctx.geometry, tuple(call.hidden.shape))
             entry = self.tracker.cache.get(cache_key)
-            if entry is not None and entry.signature == signature and method.reuses(self.site, ctx, params, entry):
+            if entry is not None and entry.signature != signature:
+                entry = None
+            plan = method.plan(self.site, ctx, params, entry, call) if entry is not None else "compute"
+            if plan == "reuse":
                 self.reuse_output = entry.output
-                n = call.hidden.shape[1]
                 ctx.log[self.site.name] = (n, 0, 0)
                 return None
-            self._store = (cache_key, signature, ctx.step)
+            if plan == "partial":
+                partial = (method, params, entry)
+            else:  # "recompute" runs in full inside a cycle: the entry keeps the cycle's start step
+                start = entry.step if plan == "recompute" else ctx.step
+                self._store = (cache_key, signature, start, call.hidden)
         active = [(m, p) for m, p in zip(self.methods, self._params) if p is not None and not m.caches]
-        if not active:
+        if not active and partial is None:
             if self._store is not None:
-                n = call.hidden.shape[1]
                 ctx.log[self.site.name] = (n, n, n)
             return None
-        n = call.hidden.shape[1]
         for method, params in active:
             method.act(self.site, ctx, params, call)
+        if partial is not None:
+            method, params, entry = partial
+            method.refresh(self.site, ctx, params, entry, call)
         ctx.log[self.site.name] = (n, call.hidden.shape[1], call.keys_values or n)
         if not call.reduced and call.keys_values is None:
             return None
@@ -302,9 +320,14 @@ class SiteHook:
             for restore in reversed(restores):
                 output = restore(output)
         if self._store is not None:
-            key, signature, step = self._store
+            key, signature, step, hidden = self._store
             self._store = None
-            self.tracker.store(key, CacheEntry(output, step, signature))
+            entry = CacheEntry(output, step, signature)
+            ctx = self.tracker.ctx
+            if ctx is not None:
+                method = self.methods[self.caching]
+                method.init_entry(self.site, ctx, self._params[self.caching], entry, hidden)
+            self.tracker.store(key, entry)
         return output if restores else None
 
 

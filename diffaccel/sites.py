@@ -29,6 +29,7 @@ class Site:
     level: int = 0  # resolution level: 0 is the finest token grid that has sites
     layout: str = "image"
     index: int = 0  # position among all sites of the denoiser
+    blocks: int = 1  # number of blocks of the denoiser that have sites (depths are 0 .. blocks - 1)
     note: str = ""  # why a site cannot host token methods, when it cannot
 
     def grid(self, geometry: Geometry | None) -> tuple[int, int, int] | None:

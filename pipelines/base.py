@@ -109,6 +109,7 @@ def _has_submodule(model: torch.nn.Module, path: str) -> bool:
 
 
 def _number(sites: list[Site]) -> list[Site]:
+    blocks = 1 + max((s.depth for s in sites), default=0)
     for i, s in enumerate(sites):
-        s.index = i
+        s.index, s.blocks = i, blocks
     return sites

@@ -1,6 +1,9 @@
-"""Flux: dual-stream blocks (joint [text, image] attention with RoPE) then single-stream blocks."""
+"""Flux: dual-stream blocks (joint [text, image] attention with RoPE) then single-stream blocks, whose
+sites are attention, the MLP input projection and the output projection that merges the two."""
 
 from __future__ import annotations
+
+import math
 
 from diffaccel.sites import Geometry
 
@@ -13,7 +16,8 @@ class FluxAdapter(Adapter):
     cfg_layout = "separate"  # true CFG runs cond then uncond; guidance-distilled runs one call
     blocks = (
         ("transformer_blocks", {"attn": ("self_attn", "joint"), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
-        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint")}),
+        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint"),
+                                      "proj_out": ("ff", "joint")}),
     )
 
     def __init__(self, model):
@@ -29,6 +33,11 @@ class FluxAdapter(Adapter):
             return None, x.shape[0]
         if ids.ndim == 3:
             ids = ids[0]
+        if ids.is_meta:  # shapes only (FLOP counting): take the grid as square when the count allows it
+            side = math.isqrt(ids.shape[0])
+            if side * side != ids.shape[0]:
+                return None, x.shape[0]
+            return Geometry(1, side, side, text.shape[1] if text is not None else 0, True), x.shape[0]
         # Packed latents carry their grid only in the position ids: read it once per distinct ids tensor.
         key = (ids.data_ptr(), tuple(ids.shape))
         if key != self._ids_key:

@@ -11,7 +11,8 @@ class HunyuanVideoAdapter(Adapter):
     cfg_layout = "separate"  # guidance-distilled: one call per step; true CFG: cond then uncond
     blocks = (
         ("transformer_blocks", {"attn": ("self_attn", "joint"), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
-        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint")}),
+        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint"),
+                                      "proj_out": ("ff", "joint")}),
     )
 
     def geometry(self, args, kwargs):

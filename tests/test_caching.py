@@ -163,3 +163,19 @@ def test_fora_reuse_saves_sublayer_flops(make_case):
     with FlopCounterMode(display=False) as fora:
         case.run(steps=6)
     assert fora.get_total_flops() < base.get_total_flops()
+
+
+def test_bare_denoiser_of_a_separate_cfg_family_is_one_branch(make_case):
+    """A bare Flux transformer: every call is a step of one branch, so reuse follows the interval."""
+    case = make_case("flux")
+    calls = []
+    handle = case.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    case.run(steps=4)
+    handle.remove()
+    transformer = case.pipe.transformer
+    accelerate_pipeline(transformer, "fora", interval=2, num_steps=4)
+    for args, kwargs in calls:
+        transformer(*args, **kwargs)
+    log = describe(transformer)["denoisers"][0]["sites"][0]["last_run"]
+    assert [log[s]["computed"] == 0 for s in range(4)] == [False, True, False, True]

@@ -14,12 +14,13 @@ from diffaccel.pipelines import DENOISER_ATTRS
 TOKEN_FAMILIES = ["sd1", "sdxl", "pixart", "dit"]  # families the token methods act on
 OTHER_FAMILIES = ["sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video", "ltx"]
 METHODS = ["tome", "todo", "sito"]
-CACHING = ["fora"]  # act on every family: they reuse whole sub-layer outputs, whatever the token layout
-ZERO = {"tome": {"ratio": 0.0}, "todo": {"factor": 1.0}, "sito": {"ratio": 0.0}, "fora": {"interval": 1}}
+CACHING = ["fora", "toca", "duca"]  # act on every family: they reuse (parts of) sub-layer outputs
+ZERO = {"tome": {"ratio": 0.0}, "todo": {"factor": 1.0}, "sito": {"ratio": 0.0}, "fora": {"interval": 1},
+        "toca": {"fresh_ratio": 1.0}, "duca": {"interval": 1}}
 
 CASES = ([(f, m) for f in TOKEN_FAMILIES for m in METHODS] + [(f, "tome") for f in OTHER_FAMILIES]
          + [(f, m) for f in TOKEN_FAMILIES + OTHER_FAMILIES for m in CACHING])
-CASES_COMPOSED = [(f, ("todo", "tome")) for f in TOKEN_FAMILIES] + [(f, ("fora", "tome")) for f in TOKEN_FAMILIES]
+CASES_COMPOSED = [(f, m) for f in TOKEN_FAMILIES for m in (("todo", "tome"), ("fora", "tome"), ("toca", "todo"))]
 
 
 def acts_on(family, method):
@@ -73,8 +74,9 @@ def test_acts_and_removal_is_bit_exact(make_case, family, method):
     if acts_on(family, method):
         assert not torch.equal(out, base), "the method changed nothing"
         reduced = [v for v in done if v["computed"] < v["tokens"] or v["keys_values"] < v["tokens"]]
-        assert done and (reduced == done or "fora" in method), done
-        if "fora" in method:  # interval 3 over 3 steps: computed at a denoiser's first step, then reused
+        caching = any(m in CACHING for m in (method if isinstance(method, tuple) else (method,)))
+        assert done and (reduced == done or caching), done
+        if caching:  # interval 3 over 3 steps: computed at a denoiser's first step, then (partly) reused
             assert [v for v in done if v["computed"] == 0], done
     else:
         assert torch.equal(out, base) and not done
@@ -217,7 +219,7 @@ def test_cfg_off_selects_per_row(make_case):
 
 
 BAD = [
-    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['fora', 'sito', 'todo', 'tome'\]"),
+    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['duca', 'fora', 'sito', 'toca', 'todo', 'tome'\]"),
     (("tome",), {"ratio": 1.5}, ValueError, r"ToMeConfig.ratio must be in \[0.0, 0.75\]"),
     (("tome",), {"ratio": -0.1}, ValueError, r"ToMeConfig.ratio must be in"),
     (("tome",), {"ratio": "0.5"}, TypeError, r"ToMeConfig.ratio must be a number"),

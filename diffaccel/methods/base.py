@@ -43,11 +43,13 @@ def method_class(name: str) -> type[MethodConfig]:
 @dataclass
 class CacheEntry:
     """A sub-layer output kept for reuse at later steps: the step it was computed at, and the shape of
-    the call it belongs to (an entry never serves a call of another shape)."""
+    the call it belongs to (an entry never serves a call of another shape). `extra` holds what the
+    method keeps per token beside it (counted in the cache's size)."""
 
     output: Any
     step: int
     signature: tuple
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 class SiteCall:
@@ -163,6 +165,19 @@ class MethodConfig:
     def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
         """Caching methods: whether this call returns the cached output instead of running."""
         return False
+
+    def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
+        """Caching methods, given a cache entry that fits this call: "reuse" (return the entry's
+        output, the sub-layer does not run), "partial" (`refresh` rewrites the call to the tokens to
+        recompute) or "compute" (run in full and store the output)."""
+        return "reuse" if self.reuses(site, ctx, params, entry) else "compute"
+
+    def refresh(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> None:
+        """Caching methods that plan "partial" calls: rewrite the call and write its output into the entry."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def init_entry(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
+        """Caching methods: fill `entry.extra` when a full output is stored (`hidden`: the call's input)."""
 
     # -- shared ------------------------------------------------------------------------------
     def effective_policy(self) -> Policy:

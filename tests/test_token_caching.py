@@ -1,0 +1,250 @@
+"""Token-wise caching (ToCa, DuCa): the cycle, token-partial compute that is real (fewer tokens enter
+the sub-layer, the fresh rows equal a full computation, the others are the cached ones), the fresh-
+token scores, CFG sharing, composition, cache accounting and errors. The contract suite
+(test_contract.py) runs both over every family as well."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import diffaccel
+from diffaccel import accelerate_pipeline, describe, remove_acceleration
+from diffaccel.api import installation
+from diffaccel.methods.toca import ToCaConfig
+
+ALL_KINDS = {"self_attn": 1.0, "cross_attn": 1.0, "ff": 1.0}
+
+
+def site_log(pipe):
+    """{site name: {step: (tokens, computed, keys_values)}} of the last run."""
+    out = {}
+    for s in describe(pipe)["denoisers"][0]["sites"]:
+        out[s["name"]] = {int(k): (v["tokens"], v["computed"], v["keys_values"]) for k, v in s["last_run"].items()}
+    return out
+
+
+def capture(pipe, kinds=("self_attn", "cross_attn", "ff")):
+    """Record, per site and call, the site's input, its returned output, and the token count its
+    first Linear saw (what actually ran)."""
+    st = installation(pipe).denoisers[0]
+    rec, handles = {}, []
+    for hook in st.hooks:
+        if hook.site.kind not in kinds:
+            continue
+        name, module = hook.site.name, hook.site.module
+        r = rec[name] = {"site": hook.site, "inputs": [], "outputs": [], "ran": []}
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, k, r=r: r["inputs"].append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True,
+            prepend=True))
+        handles.append(module.register_forward_hook(
+            lambda m, a, k, o, r=r: r["outputs"].append(o.clone()), with_kwargs=True))
+        first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+        handles.append(first.register_forward_pre_hook(lambda m, a, r=r: r["ran"].append(a[0].shape[1])))
+    return rec, handles
+
+
+def test_toca_cycle_and_token_partial_compute_is_real(make_case):
+    case = make_case("pixart")
+    accelerate_pipeline(case.pipe, "toca", interval=3, fresh_ratio=0.25, kind_weights=ALL_KINDS, step_weight=0.0,
+                        depth_weight=0.0)
+    rec, handles = capture(case.pipe)
+    case.run(steps=4)  # batched CFG: each call carries both halves
+    for h in handles:
+        h.remove()
+    log = site_log(case.pipe)
+    assert rec
+    for name, r in rec.items():
+        n = r["inputs"][0].shape[1]
+        k = round(0.25 * n)
+        site = r["site"]
+        assert [log[name][s][1] for s in range(4)] == [n, k, k, n], name  # full, partial, partial, full
+        # what ran: all tokens at full steps, only the fresh ones at the others (the query projection
+        # of attention; keys/values of self-attention still come from every token)
+        assert r["ran"] == [n, k, k, n], (name, r["ran"])
+        module = site.module
+        for s in (1, 2):
+            x, out = r["inputs"][s], r["outputs"][s]
+            prev = r["outputs"][s - 1]
+            with torch.no_grad():
+                full = module(x, encoder_hidden_states=None) if site.kind == "self_attn" else None
+            changed = (out != prev).any(dim=-1)  # (B, N) rows written at this step
+            assert changed.sum(dim=1).le(k).all()
+            # both CFG halves got the same fresh tokens
+            half = out.shape[0] // 2
+            assert torch.equal(changed[:half], changed[half:]) or not changed.any()
+            if full is not None:  # fresh rows equal a full self-attention over every token
+                rows = changed[0].nonzero().flatten()
+                torch.testing.assert_close(out[:, rows], full[:, rows], atol=1e-5, rtol=1e-4)
+            # the others kept the stored output exactly
+            assert torch.equal(out[~changed], prev[~changed])
+    remove_acceleration(case.pipe)
+
+
+def test_toca_feed_forward_fresh_rows_equal_the_full_computation(make_case):
+    case = make_case("dit")
+    accelerate_pipeline(case.pipe, "toca", interval=4, fresh_ratio=0.5, step_weight=0.0, depth_weight=0.0,
+                        kind_weights={"ff": 1.0})
+    rec, handles = capture(case.pipe, kinds=("ff",))
+    case.run(steps=4)
+    for h in handles:
+        h.remove()
+    for r in rec.values():
+        module = r["site"].module
+        for s in (1, 2, 3):
+            out, prev, x = r["outputs"][s], r["outputs"][s - 1], r["inputs"][s]
+            with torch.no_grad():
+                full = module(x)
+            fresh = (out != prev).any(dim=-1)
+            assert fresh.any()
+            torch.testing.assert_close(out[fresh], full[fresh], atol=1e-5, rtol=1e-4)
+            assert torch.equal(out[~fresh], prev[~fresh])
+
+
+def test_duca_cycle_full_conservative_aggressive(make_case):
+    case = make_case("pixart")
+    accelerate_pipeline(case.pipe, "duca", interval=4, fresh_ratio=0.25, kind_weights=ALL_KINDS, step_weight=0.0,
+                        depth_weight=0.0)
+    rec, handles = capture(case.pipe)
+    case.run(steps=5)
+    for h in handles:
+        h.remove()
+    log = site_log(case.pipe)
+    for name, r in rec.items():
+        n = r["inputs"][0].shape[1]
+        k = round(0.25 * n)
+        # full, conservative, aggressive, conservative, full
+        assert [log[name][s][1] for s in range(5)] == [n, k, 0, k, n], name
+        assert r["ran"] == [n, k, k, n], name  # nothing ran at the aggressive step
+        assert torch.equal(r["outputs"][2], r["outputs"][1])
+
+
+@pytest.mark.parametrize("score", ["change", "vnorm", "random", "attention"])
+def test_every_score_selects_the_scheduled_count(make_case, score, monkeypatch):
+    import diffaccel.methods.toca as toca
+
+    calls = []
+    original = toca._attention_received
+    monkeypatch.setattr(toca, "_attention_received", lambda m, x: calls.append(m) or original(m, x))
+    case = make_case("pixart")
+    accelerate_pipeline(case.pipe, "toca", interval=3, fresh_ratio=0.3, score=score, kind_weights=ALL_KINDS,
+                        step_weight=0.0, depth_weight=0.0)
+    out = case.run(steps=3)
+    assert torch.isfinite(out).all()
+    for name, steps in site_log(case.pipe).items():
+        n = steps[0][0]
+        assert steps[1][1] == steps[2][1] == round(0.3 * n), name
+    self_attn = {h.site.module for h in installation(case.pipe).denoisers[0].hooks if h.site.kind == "self_attn"}
+    if score == "attention":  # maps computed at the full step, at self-attention sites only
+        assert calls and set(calls) == self_attn and len(calls) == len(self_attn) * 1
+    else:
+        assert not calls
+    assert torch.equal(case.run(steps=3), out)  # deterministic
+
+
+def test_change_score_refreshes_the_tokens_that_moved():
+    from types import SimpleNamespace
+
+    from diffaccel.methods.base import CacheEntry
+    from diffaccel.sites import Site
+
+    cfg = ToCaConfig(staleness_weight=0.0, cell=0)
+    site = Site("x", "ff", torch.nn.Identity(), "b", 0)
+    ctx = SimpleNamespace(cfg_batched=False, branch="cond", block_inputs={}, state={}, step=1, geometry=None)
+    x = torch.randn(2, 10, 4)
+    entry = CacheEntry(torch.zeros(2, 10, 4), 0, ())
+    cfg.init_entry(site, ctx, {}, entry, x)
+    moved = x.clone()
+    moved[0, 3] += 5
+    moved[1, 7] += 5
+    score = cfg.primary_score(site, ctx, entry, moved)
+    assert score[0].argmax() == 3 and score[1].argmax() == 7
+
+
+def test_cell_bonus_spreads_fresh_tokens_over_the_grid():
+    from types import SimpleNamespace
+
+    from diffaccel.sites import Geometry, Site
+
+    cfg = ToCaConfig(cell=2)
+    site = Site("x", "ff", torch.nn.Identity(), "b", 0)
+    ctx = SimpleNamespace(geometry=Geometry(1, 4, 4))
+    score = torch.rand(3, 16)
+    score[:, :8] += 10  # the top half of the grid scores far higher
+    bonus = cfg.cell_bonus(site, ctx, score)
+    picked = torch.topk(score / score.amax(dim=1, keepdim=True) + bonus, 4, dim=1).indices
+    cells = {(int(i) // 4 // 2, int(i) % 4 // 2) for i in picked[0]}
+    assert cells == {(0, 0), (0, 1), (1, 0), (1, 1)}  # one per 2x2 cell, not four from the top
+    assert bonus.sum(dim=1).eq(4).all()
+
+
+def test_separate_cfg_calls_keep_separate_caches(make_case):
+    case = make_case("flux")
+    accelerate_pipeline(case.pipe, "toca", interval=3)
+    seen = []
+    st = installation(case.pipe).denoisers[0]
+    original = st.tracker.store
+    st.tracker.store = lambda key, entry: seen.append(key[0]) or original(key, entry)
+    case.run(steps=3, guidance=True)
+    assert {"cond", "uncond"} <= set(seen)
+    assert describe(case.pipe)["denoisers"][0]["cache"]["entries"] == 0  # released at the end of the run
+
+
+def test_cache_size_is_reported_and_released(make_case):
+    case = make_case("pixart")
+    accelerate_pipeline(case.pipe, "toca")
+    case.run(steps=3)
+    cache = describe(case.pipe)["denoisers"][0]["cache"]
+    assert cache["entries"] == 0 and cache["bytes"] == 0 and cache["peak_bytes"] > 0
+
+
+def test_toca_composes_with_todo_and_refuses_tome(make_case):
+    case = make_case("sd1")
+    base = case.run(steps=3)
+    accelerate_pipeline(case.pipe, ["toca", "todo"], kind_weights=ALL_KINDS)
+    out = case.run(steps=3)
+    assert not torch.equal(out, base)
+    log = site_log(case.pipe)
+    top = [v for name, v in log.items() if name.endswith("attn1") and "down_blocks.0" in name]
+    assert top and all(v[1][1] < v[1][0] and v[1][2] < v[1][0] for v in top)  # fresh queries, pooled keys
+    remove_acceleration(case.pipe)
+    assert torch.equal(case.run(steps=3), base)
+    with pytest.raises(ValueError, match="toca and tome would both reduce the tokens|tome and toca would both"):
+        accelerate_pipeline(case.pipe, ["toca", "tome"], kind_weights=ALL_KINDS)
+    with pytest.raises(ValueError, match="would both cache"):
+        accelerate_pipeline(case.pipe, ["toca", "fora"])
+    assert torch.equal(case.run(steps=3), base)
+
+
+@pytest.mark.parametrize("method", ["toca", "duca"])
+def test_token_caching_saves_flops(make_case, method):
+    case = make_case("pixart")
+    with FlopCounterMode(display=False) as base:
+        case.run(steps=6)
+    accelerate_pipeline(case.pipe, method)
+    with FlopCounterMode(display=False) as cached:
+        case.run(steps=6)
+    assert cached.get_total_flops() < 0.8 * base.get_total_flops()
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"fresh_ratio": 1.5}, ValueError, r"ToCaConfig.fresh_ratio must be in \[0.0, 1.0\]"),
+    ({"interval": 0}, ValueError, r"ToCaConfig.interval must be in \[1, 1000\]"),
+    ({"score": "entropy"}, ValueError, r"ToCaConfig.score must be one of \['change', 'vnorm', 'random', 'attention'\]"),
+    ({"kind_weights": {"mlp": 1.0}}, ValueError, r"kind_weights key must be one of \['self_attn', 'cross_attn', 'ff'\]"),
+    ({"policy": {"rules": [{"params": {"ratio": 0.5}}]}}, ValueError, r"policy sets \['ratio'\], which toca"),
+    ({"policy": {"rules": [{"params": {"fresh_ratio": 2}}]}}, ValueError, r"fresh_ratio must be in \[0.0, 1.0\]"),
+])
+def test_toca_bad_input_is_refused(make_case, kwargs, exc, match):
+    case = make_case("pixart")
+    base = case.run(steps=2)
+    with pytest.raises(exc, match=match):
+        accelerate_pipeline(case.pipe, "toca", **kwargs)
+    assert installation(case.pipe) is None and torch.equal(case.run(steps=2), base)
+
+
+def test_configs_are_exported_and_round_trip():
+    for cls in (diffaccel.ToCaConfig, diffaccel.DuCaConfig):
+        cfg = cls(interval=4, fresh_ratio=0.1, warmup=3)
+        d = cfg.to_dict()
+        assert d["method"] == cls.name and d["interval"] == 4 and d["fresh_ratio"] == 0.1
+        assert hash(cfg) == hash(cls(interval=4, fresh_ratio=0.1, warmup=3))
