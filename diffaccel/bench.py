@@ -52,6 +52,19 @@ def _ours(model, spec, cfg: bool):
     return lambda: remove_acceleration(model)
 
 
+def _timed(model, install, fn) -> tuple[object, float]:
+    """(fn(), seconds) with the configuration installed on `model` for the call only."""
+    remove = install(model) if install else None
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = fn()
+            return out, time.perf_counter() - t0
+    finally:
+        if remove:
+            remove()
+
+
 def configurations(ratio: float, factor: float, cfg: bool = False) -> list[tuple[str, object]]:
     """(label, installer) pairs; an installer patches the model and returns its remover."""
     return [
@@ -92,15 +105,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         for r in range(args.warmup + args.repeats):
             inp = inputs[max(0, r - args.warmup)]
             for label, install in configs:
-                remove = install(model) if install else None
-                try:
-                    with torch.no_grad():
-                        t0 = time.perf_counter()
-                        out = model(*inp).sample
-                        elapsed = time.perf_counter() - t0
-                finally:
-                    if remove:
-                        remove()
+                out, elapsed = _timed(model, install, lambda inp=inp: model(*inp).sample)
                 if r >= args.warmup:
                     times[label].append(elapsed)
                     outs[label].append(out)
@@ -232,6 +237,7 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
     settings = [("baseline", None), *PAPER_SETTINGS[family],
                 # installed, but its policy idle at every step: the cost of being there
                 ("toca idle (warmup >= steps)", {"method": "toca", "warmup": 10_000})]
+    settings = [(k, v) for k, v in settings if k == "baseline" or not args.only or any(o in k for o in args.only)]
     report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch,
                         device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
                         platform=platform.platform(), date=time.strftime("%Y-%m-%d"), flops={}, latency=[])
@@ -247,14 +253,8 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
         outs: dict[str, torch.Tensor] = {}
         for r in range(args.warmup + args.repeats):
             for label, spec in settings:
-                remove = _ours_steps(model, spec, args.steps, args.arch) if spec else None
-                try:
-                    t0 = time.perf_counter()
-                    out = _run_steps(model, inputs, args.steps, "cpu")
-                    elapsed = time.perf_counter() - t0
-                finally:
-                    if remove:
-                        remove()
+                install = (lambda m, spec=spec: _ours_steps(m, spec, args.steps, args.arch)) if spec else None
+                out, elapsed = _timed(model, install, lambda: _run_steps(model, inputs, args.steps, "cpu"))
                 if r >= args.warmup:
                     times[label].append(elapsed)
                     outs[label] = out
@@ -286,7 +286,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--arch", choices=ARCHS + CACHE_ARCHS, default="sd15",
                    help="sd15: per-call token methods and peers; pixart-alpha, flux-2x4: whole runs of the caching "
                         "methods at the papers' settings, FLOPs (meta device) and latency")
-    p.add_argument("--flop-steps", type=int, nargs="+", default=[20, 50], help="caching archs: runs to count FLOPs of")
+    p.add_argument("--flop-steps", type=int, nargs="*", default=[20, 50],
+                   help="caching archs: step counts of the runs to count FLOPs of (none: skip)")
     p.add_argument("--steps", type=int, default=20, help="caching archs: steps of the timed runs (0: FLOPs only)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--batch", type=int, default=2)

@@ -66,6 +66,21 @@ def test_bench_smoke_writes_a_report(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["cfg_pairs"] and [r["config"] for r in rep["results"]] == [
         "baseline", "tomesd ratio=0.5", "diffaccel tome ratio=0.5"]
+    assert rep["command"].startswith("diffaccel bench --arch tiny-sd")
+
+
+def test_caching_bench_counts_flops_on_meta_and_times_whole_runs(tmp_path):
+    out = tmp_path / "c.json"
+    assert main(["bench", "--arch", "tiny-pixart", "--flop-steps", "6", "--steps", "6", "--repeats", "1", "--warmup",
+                 "0", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    flops = rep["flops"]["6"]
+    assert flops["baseline"]["speedup"] == 1.0
+    assert flops["fora N=3"]["speedup"] > 1.5 and flops["toca N=3 R=0.3"]["speedup"] > 1.0
+    assert flops["toca idle (warmup >= steps)"]["flops"] == flops["baseline"]["flops"]
+    rows = {r["config"]: r for r in rep["latency"]}
+    assert rows["baseline"]["rel_error_last_step"] == 0 and rows["fora N=3"]["flop_speedup"] > 1.5
+    assert rows["toca idle (warmup >= steps)"]["rel_error_last_step"] == 0
 
 
 def test_readme_support_table_matches_the_code():

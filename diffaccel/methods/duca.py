@@ -12,31 +12,20 @@ schedules and CFG handling are ToCa's (see `toca`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..policy import Policy
 from .base import register
-from .toca import KIND_WEIGHTS, TokenwiseCache
+from .toca import ToCaConfig, TokenwiseCache
 
 
 @register
 @dataclass(frozen=True)
-class DuCaConfig(TokenwiseCache):
-    """interval: steps per cycle (1: the baseline). fresh_ratio: base fraction of tokens recomputed on
-    conservative steps. Other fields as ToCaConfig; score defaults to "vnorm"."""
+class DuCaConfig(ToCaConfig):
+    """Fields as ToCaConfig. interval: steps per cycle (1: the baseline). fresh_ratio: base fraction
+    of tokens recomputed on conservative steps (default 0.75). score: default "vnorm"."""
 
-    interval: int = 3
     fresh_ratio: float = 0.75
-    warmup: int = 0
     score: str = "vnorm"
-    staleness_weight: float = 0.25
-    cell: int = 4
-    cell_frames: int = 2
-    step_weight: float = 0.9
-    depth_weight: float = 0.6
-    kind_weights: dict = field(default_factory=lambda: dict(KIND_WEIGHTS))
-    seed: int = 0
-    policy: Policy | dict | str | None = None
 
     name = "duca"
 
