@@ -145,8 +145,8 @@ def _warn_idle(configs: list[MethodConfig], states: list[DenoiserState]) -> None
 def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
     """Patch a diffusers pipeline (or a bare unet/transformer) in place with one or more methods.
 
-    `method` is a registered name ("tome", "todo", "sito", "fora", "toca", "duca"), a config object, a dict with a "method"
-    key, or a list of them to compose. Keyword overrides set config fields, e.g. ratio=0.6. For a bare
+    `method` is a registered name ("tome", "todo", "sito", "fora", "toca", "duca"), a config object, a
+    dict with a "method" key, or a list of them to compose. Keyword overrides set config fields, e.g. ratio=0.6. For a bare
     denoiser, `num_steps=` tells the step count that schedules are laid over, and `cfg_batched=True`
     that its calls carry [uncond, cond] halves (which then share one token selection). Returns `pipe`.
     Nothing is changed when an error is raised.

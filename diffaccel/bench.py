@@ -45,10 +45,10 @@ def _peer_tomesd(model, ratio: float):
     return lambda: tomesd.remove_patch(model)
 
 
-def _ours(model, spec, cfg: bool):
+def _ours(model, spec, cfg: bool, num_steps: int | None = None):
     from . import accelerate_pipeline, remove_acceleration
 
-    accelerate_pipeline(model, spec, cfg_batched=cfg)
+    accelerate_pipeline(model, spec, cfg_batched=cfg, num_steps=num_steps)
     return lambda: remove_acceleration(model)
 
 
@@ -212,7 +212,7 @@ def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
         model, inputs = caching_arch(arch)
     flops = {}
     for label, spec in settings:
-        remove = _ours_steps(model, spec, steps, arch) if spec else None
+        remove = _ours(model, spec, "pixart" in arch, steps) if spec else None
         try:
             with FlopCounterMode(display=False) as counter:
                 _run_steps(model, inputs, steps, "meta")
@@ -221,13 +221,6 @@ def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
                 remove()
         flops[label] = counter.get_total_flops()
     return flops
-
-
-def _ours_steps(model, spec, steps: int, arch: str):
-    from . import accelerate_pipeline, remove_acceleration
-
-    accelerate_pipeline(model, spec, num_steps=steps, cfg_batched="pixart" in arch)
-    return lambda: remove_acceleration(model)
 
 
 def run_caching_bench(args: argparse.Namespace) -> dict:
@@ -253,7 +246,7 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
         outs: dict[str, torch.Tensor] = {}
         for r in range(args.warmup + args.repeats):
             for label, spec in settings:
-                install = (lambda m, spec=spec: _ours_steps(m, spec, args.steps, args.arch)) if spec else None
+                install = (lambda m, spec=spec: _ours(m, spec, "pixart" in args.arch, args.steps)) if spec else None
                 out, elapsed = _timed(model, install, lambda: _run_steps(model, inputs, args.steps, "cpu"))
                 if r >= args.warmup:
                     times[label].append(elapsed)

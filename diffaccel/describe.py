@@ -76,9 +76,8 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
         tracker = st.tracker if st else None
         cache = None
         if inst is not None and any(m.caches for m in inst.methods):
-            cache = dict(entries=len(tracker.cache) if tracker else 0,
-                         bytes=tracker.cache_bytes() if tracker else 0,
-                         peak_bytes=tracker.cache_peak_bytes if tracker else 0)
+            cache = dict(entries=0, bytes=0, peak_bytes=0) if tracker is None else dict(
+                entries=len(tracker.cache), bytes=tracker.cache_bytes(), peak_bytes=tracker.cache_peak_bytes)
         out["denoisers"].append(dict(
             attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,

@@ -53,7 +53,7 @@ def best_match(a: torch.Tensor, b: torch.Tensor, tile: int = MATCH_TILE) -> tupl
     return torch.cat(vals, dim=1), torch.cat(idxs, dim=1)
 
 
-def _expand_rows(idx: torch.Tensor, batch: int) -> torch.Tensor:
+def expand_rows(idx: torch.Tensor, batch: int) -> torch.Tensor:
     """Index rows computed for a batch subset (1 row, or the conditional half) -> all rows."""
     if idx.shape[0] == batch:
         return idx
@@ -82,7 +82,7 @@ class TokenReduction:
         return self.keep_idx.shape[1] + self.dst_idx.shape[1]
 
     def expand(self, batch: int) -> TokenReduction:
-        return TokenReduction(self.n, *(_expand_rows(t, batch) for t in
+        return TokenReduction(self.n, *(expand_rows(t, batch) for t in
                                         (self.dst_idx, self.keep_idx, self.fold_idx, self.fold_target)))
 
     def reduce(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -115,7 +115,7 @@ def _fold_most_similar(metric: torch.Tensor, dst_idx: torch.Tensor, src_idx: tor
                        normalized: bool = False) -> TokenReduction:
     """Fold the r sources whose best cosine match among the destinations is highest."""
     b = metric.shape[0]
-    dst_idx, src_idx = _expand_rows(dst_idx, b), _expand_rows(src_idx, b)
+    dst_idx, src_idx = expand_rows(dst_idx, b), expand_rows(src_idx, b)
     if not normalized:
         metric = F.normalize(metric, dim=-1)
     score, target = best_match(gather_tokens(metric, src_idx), gather_tokens(metric, dst_idx))

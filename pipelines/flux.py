@@ -34,14 +34,14 @@ class FluxAdapter(Adapter):
         if ids.ndim == 3:
             ids = ids[0]
         if ids.is_meta:  # shapes only (FLOP counting): take the grid as square when the count allows it
-            side = math.isqrt(ids.shape[0])
-            if side * side != ids.shape[0]:
+            h = w = math.isqrt(ids.shape[0])
+            if h * w != ids.shape[0]:
                 return None, x.shape[0]
-            return Geometry(1, side, side, text.shape[1] if text is not None else 0, True), x.shape[0]
-        # Packed latents carry their grid only in the position ids: read it once per distinct ids tensor.
-        key = (ids.data_ptr(), tuple(ids.shape))
-        if key != self._ids_key:
-            rows, cols = (ids[:, 1:3].amax(dim=0) + 1).tolist()
-            self._ids_key, self._ids_grid = key, (int(rows), int(cols))
-        h, w = self._ids_grid
+        else:
+            # Packed latents carry their grid only in the position ids: read it once per distinct ids tensor.
+            key = (ids.data_ptr(), tuple(ids.shape))
+            if key != self._ids_key:
+                rows, cols = (ids[:, 1:3].amax(dim=0) + 1).tolist()
+                self._ids_key, self._ids_grid = key, (int(rows), int(cols))
+            h, w = self._ids_grid
         return Geometry(1, h, w, text.shape[1] if text is not None else 0, True), x.shape[0]

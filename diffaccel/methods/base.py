@@ -19,6 +19,7 @@ from ..sites import Site
 from ..tokens import TokenReduction
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
+SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods act on
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -109,8 +110,8 @@ class MethodConfig:
     reduces_tokens: ClassVar[bool] = False
     # Policy parameters the method reads, as name -> config field giving the default.
     params: ClassVar[tuple[str, ...]] = ()
-    # Whether the method reuses whole sub-layer outputs across steps (at most one per site): the
-    # runtime then keeps a cache per site and CFG branch and asks `reuses` whether to skip the call.
+    # Whether the method reuses sub-layer outputs across steps (at most one per site): the runtime
+    # then keeps a cache per site and CFG branch and asks `plan` what to do with each call.
     caches: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -160,7 +161,7 @@ class MethodConfig:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
-        """Rewrite the call (token methods). Caching methods act through `reuses` instead."""
+        """Rewrite the call (token methods). Caching methods act through `plan` instead."""
 
     def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
         """Caching methods: whether this call returns the cached output instead of running."""

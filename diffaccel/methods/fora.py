@@ -18,9 +18,7 @@ from typing import Any
 
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
-from .base import CacheEntry, MethodConfig, check_number, register
-
-SUBLAYERS = ("self_attn", "cross_attn", "ff")
+from .base import SUBLAYERS, CacheEntry, MethodConfig, check_number, register
 
 
 @register

@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from ..kernels import gather_tokens, scatter_tokens
 from ..policy import Linear, Policy, Rule, Selector, Window
 from ..sites import Site
+from ..tokens import expand_rows
 from .base import (
+    SUBLAYERS,
     CacheEntry,
     MethodConfig,
     SiteCall,
@@ -55,7 +57,6 @@ from .base import (
     register,
 )
 
-SUBLAYERS = ("self_attn", "cross_attn", "ff")
 SCORES = ("change", "vnorm", "random", "attention")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
 ATTENTION_TILE = 1 << 22  # elements of one attention-probability tile (rows x keys x heads) per batch row
@@ -175,7 +176,7 @@ class TokenwiseCache(MethodConfig):
         stale.add_(1).scatter_(1, picked, 0)
         if "input" in entry.extra:
             scatter_tokens(entry.extra["input"], picked, gather_tokens(rows, picked))
-        idx = picked.repeat(x.shape[0] // picked.shape[0], 1) if picked.shape[0] != x.shape[0] else picked
+        idx = expand_rows(picked, x.shape[0])
         if site.kind == "self_attn" and call.kwargs.get("encoder_hidden_states") is None:
             call.kwargs["encoder_hidden_states"] = x  # keys and values of every token
             call.keys_values = call.keys_values or n
@@ -191,7 +192,7 @@ class TokenwiseCache(MethodConfig):
         if score == "change":
             ref = entry.extra["input"]
             moved = (rows - ref).float().norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-6)
-            return moved / moved.amax(dim=1, keepdim=True).clamp_min(1e-12)
+            return _row_scaled(moved)
         if score == "vnorm":
             if site.kind == "self_attn" and _image_self_attention(site, rows):
                 norms = _value_norm(site.module, rows)
@@ -199,11 +200,11 @@ class TokenwiseCache(MethodConfig):
                 norms = ctx.state.get(("vnorm", ctx.branch, site.block))
                 if norms is None or norms.shape != rows.shape[:2]:
                     norms = rows.float().norm(dim=-1)
-            return 1 - norms / norms.amax(dim=1, keepdim=True).clamp_min(1e-12)
+            return 1 - _row_scaled(norms)
         if score == "attention":
             received = ctx.state.get(("attention", ctx.branch, site.block))
             if received is not None and received.shape == rows.shape[:2]:
-                return received / received.amax(dim=1, keepdim=True).clamp_min(1e-12)
+                return _row_scaled(received)
         gen = block_generator(self.seed, ctx.step, site)
         return torch.rand(rows.shape[:2], generator=gen).to(rows.device)
 
@@ -221,6 +222,11 @@ class TokenwiseCache(MethodConfig):
         bonus = torch.zeros_like(score)
         bonus[:, start:start + f * h * w] = (img >= best).reshape(score.shape[0], -1).to(score.dtype)
         return bonus
+
+
+def _row_scaled(x: torch.Tensor) -> torch.Tensor:
+    """(B, N) scaled so that each row's maximum is 1."""
+    return x / x.amax(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _image_span(site: Site, ctx: Any, n: int) -> tuple[int, tuple[int, int, int]] | None:
