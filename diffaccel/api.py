@@ -69,6 +69,8 @@ def _replace(cfg: MethodConfig, changes: dict) -> MethodConfig:
     unknown = [k for k in changes if k not in allowed]
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r} for {cfg.name}; allowed: {allowed}")
+    if getattr(cfg, "cost_model", False) is None and "cost_model" not in changes and set(changes) & set(cfg.params):
+        changes = {**changes, "cost_model": False}  # a strength the user asked for acts wherever it is selected
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -124,6 +126,10 @@ def _plan(model: torch.nn.Module, attr: str, configs: list[MethodConfig]) -> Den
         if len(cachers) > 1:
             raise ValueError(f"{' and '.join(cachers)} would both cache the outputs of {site.name}; "
                              f"give them disjoint sites with their policies, or use one of them")
+        for m in here:
+            why = m.conflict(site, [o for o in here if o is not m])
+            if why:
+                raise ValueError(f"{why}; give them disjoint sites with their policies, or use one of them")
         if here:
             placements[site.index] = here
     return DenoiserState(attr, model, adapter, sites, placements)
@@ -194,7 +200,7 @@ def _install(st: DenoiserState, inst: Installation) -> None:
         st.hooks.append(hook)
         st.handles.append(site.module.register_forward_pre_hook(hook.pre_hook, with_kwargs=True))
         st.handles.append(site.module.register_forward_hook(hook.post_hook, with_kwargs=True))
-        if hook.caching is not None:
+        if any(m.wraps_forward(site) for m in methods):
             st.handles.append(SkippableForward(site.module, hook))
         if any(m.needs_block_input() for m in methods):
             blocks.add(site.block)

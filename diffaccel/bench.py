@@ -65,6 +65,22 @@ def _timed(model, install, fn) -> tuple[object, float]:
             remove()
 
 
+def _rounds(model, configs: list, calls: list, warmup: int, fn) -> tuple[dict, dict]:
+    """Interleaved rounds: every (label, installer) configuration runs fn(call) once per round, on that
+    round's call input (the first `warmup` rounds use the first input and are not kept), so slow
+    drifts of the machine's speed hit all of them alike. Returns ({label: [seconds]}, {label: [outputs]})."""
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    outs: dict[str, list] = {label: [] for label, _ in configs}
+    for r in range(warmup + len(calls)):
+        arg = calls[max(0, r - warmup)]
+        for label, install in configs:
+            out, elapsed = _timed(model, install, lambda arg=arg: fn(arg))
+            if r >= warmup:
+                times[label].append(elapsed)
+                outs[label].append(out)
+    return times, outs
+
+
 def configurations(ratio: float, factor: float, cfg: bool = False) -> list[tuple[str, object]]:
     """(label, installer) pairs; an installer patches the model and returns its remover."""
     return [
@@ -98,17 +114,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                            torch.tensor([args.timestep + 97 * i]), torch.randn(args.batch, 77, cross, generator=gen)))
         configs = [(label, install) for label, install in configurations(args.ratio, args.factor, args.cfg)
                    if label == "baseline" or not args.only or any(o in label for o in args.only)]
-        times: dict[str, list[float]] = {label: [] for label, _ in configs}
-        outs: dict[str, list[torch.Tensor]] = {label: [] for label, _ in configs}
-        # Rounds: every configuration runs once per round, on that round's input, so slow drifts of
-        # the machine's speed hit all of them alike.
-        for r in range(args.warmup + args.repeats):
-            inp = inputs[max(0, r - args.warmup)]
-            for label, install in configs:
-                out, elapsed = _timed(model, install, lambda inp=inp: model(*inp).sample)
-                if r >= args.warmup:
-                    times[label].append(elapsed)
-                    outs[label].append(out)
+        times, outs = _rounds(model, configs, inputs, args.warmup, lambda inp: model(*inp).sample)
         base_time = statistics.median(times["baseline"])
         for label, _ in configs:
             t = statistics.median(times[label])
@@ -149,27 +155,31 @@ PAPER_SETTINGS = {
 }
 
 
-def caching_arch(name: str) -> tuple[torch.nn.Module, object]:
+def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, object]:
     """(model, inputs(batch, step, num_steps, device) -> call kwargs), random weights, in eval mode.
-    Built on the current default device (the FLOP count builds on "meta": nothing is computed)."""
+    Built on the current default device (the FLOP count builds on "meta": nothing is computed).
+    size: image size in pixels (default 256 for PixArt, 512 for Flux)."""
     if name in ("pixart-alpha", "tiny-pixart"):
         from diffusers import PixArtTransformer2DModel
 
-        big = name == "pixart-alpha"  # PixArt-alpha XL/2: 28 blocks, width 1152, T5 captions; 256 px
+        big = name == "pixart-alpha"  # PixArt-alpha XL/2: 28 blocks, width 1152, T5 captions
+        lat = (size or (256 if big else 64)) // 8
         model = PixArtTransformer2DModel(
-            sample_size=32 if big else 8, num_layers=28 if big else 2, num_attention_heads=16 if big else 2,
+            sample_size=lat, num_layers=28 if big else 2, num_attention_heads=16 if big else 2,
             attention_head_dim=72 if big else 8, in_channels=4, out_channels=8, patch_size=2,
             cross_attention_dim=1152 if big else 16, caption_channels=4096 if big else 32,
             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
             use_additional_conditions=False)
-        size, text, width = (32, 120, 4096) if big else (8, 8, 32)
+        text, width = (120, 4096) if big else (8, 32)
 
-        def inputs(batch, step, num_steps, device):
+        def inputs(batch, step, num_steps, device, pairs=True):
             gen = torch.Generator().manual_seed(step)
-            x = torch.randn(batch, 4, size, size, generator=gen)
+            x = torch.randn(batch, 4, lat, lat, generator=gen)
             enc = torch.randn(batch, text, width, generator=torch.Generator().manual_seed(-1))
-            t = torch.full((2 * batch,), 999 * (1 - step / num_steps))
-            return dict(hidden_states=torch.cat([x, x]).to(device), encoder_hidden_states=torch.cat([enc, enc]).to(device),
+            rows = 2 if pairs else 1
+            t = torch.full((rows * batch,), 999 * (1 - step / num_steps))
+            return dict(hidden_states=torch.cat([x] * rows).to(device),
+                        encoder_hidden_states=torch.cat([enc] * rows).to(device),
                         timestep=t.to(device), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
         return model.eval(), inputs
@@ -180,13 +190,14 @@ def caching_arch(name: str) -> tuple[torch.nn.Module, object]:
     model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
                                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    side = (size or 512) // 16
 
-    def inputs(batch, step, num_steps, device):
+    def inputs(batch, step, num_steps, device, pairs=False):
         gen = torch.Generator().manual_seed(step)
-        ids = torch.zeros(32, 32, 3)
-        ids[..., 1] = torch.arange(32)[:, None]
-        ids[..., 2] = torch.arange(32)[None, :]
-        return dict(hidden_states=torch.randn(batch, 1024, 64, generator=gen).to(device),
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        return dict(hidden_states=torch.randn(batch, side * side, 64, generator=gen).to(device),
                     encoder_hidden_states=torch.randn(batch, 512, 4096, generator=torch.Generator().manual_seed(-1)).to(device),
                     pooled_projections=torch.randn(batch, 768, generator=torch.Generator().manual_seed(-2)).to(device),
                     timestep=torch.full((batch,), 1 - step / num_steps).to(device),
@@ -242,15 +253,11 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
     if args.steps:
         torch.manual_seed(0)
         model, inputs = caching_arch(args.arch)
-        times: dict[str, list[float]] = {k: [] for k, _ in settings}
-        outs: dict[str, torch.Tensor] = {}
-        for r in range(args.warmup + args.repeats):
-            for label, spec in settings:
-                install = (lambda m, spec=spec: _ours(m, spec, "pixart" in args.arch, args.steps)) if spec else None
-                out, elapsed = _timed(model, install, lambda: _run_steps(model, inputs, args.steps, "cpu"))
-                if r >= args.warmup:
-                    times[label].append(elapsed)
-                    outs[label] = out
+        configs = [(label, (lambda m, spec=spec: _ours(m, spec, "pixart" in args.arch, args.steps)) if spec else None)
+                   for label, spec in settings]
+        times, runs = _rounds(model, configs, [None] * args.repeats, args.warmup,
+                              lambda _: _run_steps(model, inputs, args.steps, "cpu"))
+        outs = {label: out[-1] for label, out in runs.items()}
         base = statistics.median(times["baseline"])
         flop_speedup = report["flops"].get(args.steps, {})
         for label, _ in settings:
@@ -265,8 +272,68 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
     return report
 
 
+# -- token methods on DiTs: one denoiser call at high resolution -----------------------------------
+
+# Each method at its default (the cost model decides where it acts) and at two stronger settings.
+TOKEN_SETTINGS = [
+    ("tome default", "tome"), ("tome ratio=0.6", {"method": "tome", "ratio": 0.6}),
+    ("tome ratio=0.75", {"method": "tome", "ratio": 0.75}),
+    ("todo default", "todo"), ("todo factor=3", {"method": "todo", "factor": 3.0}),
+    ("todo factor=4", {"method": "todo", "factor": 4.0}),
+    ("sito default", "sito"), ("sito ratio=0.6", {"method": "sito", "ratio": 0.6}),
+    ("sito ratio=0.75", {"method": "sito", "ratio": 0.75}),
+]
+
+
+def run_token_bench(args: argparse.Namespace) -> dict:
+    """Per denoiser call on a DiT architecture at args.sizes[0] px: FLOPs (meta device) and latency
+    of the token methods against the baseline, with the relative error of the output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.sizes[0]
+    pairs = args.cfg  # PixArt calls as guidance pairs (both halves share one selection)
+    settings = [("baseline", None)] + [(k, v) for k, v in TOKEN_SETTINGS if not args.only or any(o in k for o in args.only)]
+    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch,
+                        size=size, batch=args.batch, cfg_pairs=pairs, device="cpu", threads=torch.get_num_threads(),
+                        torch=torch.__version__, platform=platform.platform(), date=time.strftime("%Y-%m-%d"),
+                        results=[])
+    with torch.device("meta"):
+        meta_model, meta_inputs = caching_arch(args.arch, size)
+    flops = {}
+    for label, spec in settings:
+        remove = _ours(meta_model, spec, pairs) if spec else None
+        try:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                meta_model(**meta_inputs(args.batch, 0, 1, "meta", pairs))
+        finally:
+            if remove:
+                remove()
+        flops[label] = counter.get_total_flops()
+    del meta_model
+    torch.manual_seed(0)
+    model, inputs = caching_arch(args.arch, size)
+    calls = [inputs(args.batch, 7 * i + 3, 20, "cpu", pairs) for i in range(args.repeats)]
+    configs = [(label, (lambda m, spec=spec: _ours(m, spec, pairs)) if spec else None) for label, spec in settings]
+    times, outs = _rounds(model, configs, calls, args.warmup, lambda kwargs: model(**kwargs).sample)
+    base = statistics.median(times["baseline"])
+    for label, _ in settings:
+        t = statistics.median(times[label])
+        err = statistics.mean(relative_error(o, b) for o, b in zip(outs[label], outs["baseline"]))
+        row = dict(config=label, seconds=t, speedup=base / t, flops=flops[label],
+                   flop_speedup=flops["baseline"] / flops[label], rel_error=err, runs=len(times[label]))
+        report["results"].append(row)
+        print(f"{size:>5} {label:<18} {t:8.2f}s {row['speedup']:6.2f}x  (FLOPs {row['flop_speedup']:.2f}x)"
+              f"  rel.err {err:.4f}", flush=True)
+    return report
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    report = run_caching_bench(args) if args.arch in CACHE_ARCHS else run_bench(args)
+    if args.arch in CACHE_ARCHS and args.tokens:
+        report = run_token_bench(args)
+    else:
+        report = run_caching_bench(args) if args.arch in CACHE_ARCHS else run_bench(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -279,6 +346,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--arch", choices=ARCHS + CACHE_ARCHS, default="sd15",
                    help="sd15: per-call token methods and peers; pixart-alpha, flux-2x4: whole runs of the caching "
                         "methods at the papers' settings, FLOPs (meta device) and latency")
+    p.add_argument("--tokens", action="store_true",
+                   help="pixart-alpha, flux-2x4: one denoiser call per configuration at --sizes[0] px with the "
+                        "token methods (tome, todo, sito) at their defaults and two stronger settings")
     p.add_argument("--flop-steps", type=int, nargs="*", default=[20, 50],
                    help="caching archs: step counts of the runs to count FLOPs of (none: skip)")
     p.add_argument("--steps", type=int, default=20, help="caching archs: steps of the timed runs (0: FLOPs only)")

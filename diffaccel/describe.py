@@ -72,6 +72,8 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
                 row["methods"][m.name] = entry
             done = {s: log[s][site.name] for s in sorted(log) if site.name in log[s]}
             row["last_run"] = {s: {"tokens": t, "computed": c, "keys_values": kv} for s, (t, c, kv) in done.items()}
+            notes = st.tracker.notes if st and st.tracker else {}
+            row["last_run_note"] = notes.get(site.name)
             rows.append(row)
         tracker = st.tracker if st else None
         cache = None
@@ -119,9 +121,11 @@ def render_table(d: dict) -> str:
                     txt += f", {c.count(0)} reused"
                 if min(kv) != max(t):
                     txt += f", kv {min(kv)}"
+                if row.get("last_run_note"):
+                    txt += f" ({row['last_run_note']})"
                 cells.append(txt)
             else:
-                cells.append("-")
+                cells.append(f"- ({row['last_run_note']})" if row.get("last_run_note") else "-")
             table.append(cells)
         widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
         for r in [header] + table:

@@ -125,6 +125,7 @@ class Context:
     block_inputs: dict = field(repr=False, default_factory=dict)  # block path -> its hidden-state input
     shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
     state: dict = field(repr=False, default_factory=dict)  # per-run state of caching methods (per block)
+    notes: dict = field(repr=False, default_factory=dict)  # site name -> why a method let this run's call be
 
 
 class Tracker:
@@ -140,6 +141,7 @@ class Tracker:
         self.ctx: Context | None = None
         self.last: Context | None = None
         self.log: dict[int, dict[str, tuple]] = {}  # step -> site -> (tokens, computed, keys/values)
+        self.notes: dict[str, str] = {}  # site -> why a selected method did not act (last run)
         self._log_run = -1
         self._cfg_run: tuple[int, int] | None = None
         self._cfg_batched = False
@@ -192,7 +194,7 @@ class Tracker:
         else:
             branch = "cond"
         if self._log_run != clock.run:
-            self.log, self._log_run = {}, clock.run
+            self.log, self.notes, self._log_run = {}, {}, clock.run
         if self._cache_run != clock.run:  # a new run (or one after an interrupted run) starts empty
             self.release()
             self._cache_run, self.cache_peak_bytes = clock.run, 0
@@ -200,7 +202,7 @@ class Tracker:
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
-                           self.block_inputs, state=self.state)
+                           self.block_inputs, state=self.state, notes=self.notes)
         clock.calls_in_step += 1
         return None
 
@@ -260,12 +262,14 @@ class SiteHook:
         self._restores: list | None = None
         self._store: tuple | None = None  # (cache key, signature, step, input) to store this call's output under
         self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
+        self.around: Any = None  # set for the forward wrapper: a context the call runs in
+        self._logged: tuple | None = None  # (log of the call, tokens) when `around` must confirm its work
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
 
     def pre_hook(self, module, args, kwargs):
-        self._restores, self._store, self.reuse_output = None, None, None
+        self._restores, self._store, self.reuse_output, self.around, self._logged = None, None, None, None, None
         ctx = self.tracker.ctx
         if ctx is None:
             return None
@@ -306,6 +310,8 @@ class SiteHook:
             method, params, entry = partial
             method.refresh(self.site, ctx, params, entry, call)
         ctx.log[self.site.name] = (n, call.hidden.shape[1], call.keys_values or n)
+        if call.around is not None:
+            self.around, self._logged = call.around, (ctx.log, n, call.hidden.shape[1])
         if not call.reduced and call.keys_values is None:
             return None
         self._restores = call.restores
@@ -313,6 +319,12 @@ class SiteHook:
 
     def post_hook(self, module, args, kwargs, output):
         restores, self._restores = self._restores, None
+        around, self.around = self.around, None
+        if around is not None and not around.hits:  # the attention ran elsewhere than where it pools
+            log, n, computed = self._logged
+            log[self.site.name] = (n, computed, n)
+            self.tracker.notes[self.site.name] = ("its attention backend does not call "
+                                                  "scaled_dot_product_attention: keys/values not pooled")
         if self.reuse_output is not None:
             self.reuse_output = None
             return None
@@ -336,8 +348,9 @@ _MISSING = object()
 
 class SkippableForward:
     """Stands in for a module's `forward` (an instance attribute over the class's method) so that a
-    call can return a cached output without running; otherwise it calls the forward it replaced.
-    `remove` puts back exactly what was there (another library's forward wrapper included)."""
+    call can return a cached output without running, or run inside a context a method set up (ToDo's
+    PooledAttention); otherwise it calls the forward it replaced. `remove` puts back exactly what was
+    there (another library's forward wrapper included)."""
 
     def __init__(self, module: torch.nn.Module, hook: SiteHook):
         self.module, self.hook = module, hook
@@ -349,6 +362,10 @@ class SkippableForward:
         out = self.hook.reuse_output
         if out is not None:
             return out
+        around = self.hook.around
+        if around is not None:
+            with around:
+                return self.inner(*args, **kwargs)
         return self.inner(*args, **kwargs)
 
     def remove(self) -> None:

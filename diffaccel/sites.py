@@ -9,8 +9,11 @@ import torch
 SITE_KINDS = ("self_attn", "cross_attn", "ff", "block")
 
 # How the tokens a site sees are laid out:
-#   "image": only image/video tokens, row-major over (frames, height, width)
-#   "joint": image/video tokens and text tokens in one sequence (SD3, Flux, CogVideoX, ...)
+#   "image": image/video tokens, row-major over (frames, height, width)
+#   "joint": a sub-layer that mixes text and image tokens: either its input is one [text, image] (or
+#            [image, text]) sequence (Flux single-stream blocks, CogVideoX feed-forward), or it takes
+#            the image tokens as hidden states and the text as a second stream (SD3, Flux, CogVideoX,
+#            HunyuanVideo joint attention); which one is read from the token count of each call
 #   "text":  only text tokens (context feed-forward of dual-stream blocks)
 #   "rope":  image/video tokens with rotary position embeddings passed to the processor
 SITE_LAYOUTS = ("image", "joint", "text", "rope")
@@ -31,6 +34,9 @@ class Site:
     index: int = 0  # position among all sites of the denoiser
     blocks: int = 1  # number of blocks of the denoiser that have sites (depths are 0 .. blocks - 1)
     note: str = ""  # why a site cannot host token methods, when it cannot
+    # The argument carrying rotary position embeddings (cos, sin) of the tokens, as (keyword, position
+    # in the forward call): token methods gather them with the tokens they keep.
+    rope: tuple[str, int] | None = None  # position -1: keyword only
 
     def grid(self, geometry: Geometry | None) -> tuple[int, int, int] | None:
         """(frames, height, width) of this site's image tokens for the current call, or None."""

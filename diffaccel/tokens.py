@@ -18,21 +18,28 @@ from diffaccel.kernels import gather_tokens, scatter_tokens
 MATCH_TILE = 1 << 22
 
 
-def cell_partition(h: int, w: int, sx: int, sy: int, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split an h x w row-major grid into one destination per full sy x sx cell and sources.
+def cell_partition(h: int, w: int, sx: int, sy: int, choice: torch.Tensor, frames: int = 1,
+                   st: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a frames x h x w row-major grid into one destination per full st x sy x sx cell and sources.
 
-    choice: (B', h // sy, w // sx) ints in [0, sx * sy): the destination's offset inside its cell
-    (row-major, offset k is row k // sx, column k % sx). Tokens outside full cells are sources.
-    Returns (dst_idx (B', Nd), src_idx (B', N - Nd)), each in ascending token order.
+    choice: (B', h // sy, w // sx) ints in [0, sx * sy), or (B', frames // st, h // sy, w // sx) ints
+    in [0, st * sy * sx): the destination's offset inside its cell (row-major over (frame, row,
+    column): offset k is frame k // (sy * sx), row (k // sx) % sy, column k % sx). Tokens outside full
+    cells are sources. Returns (dst_idx (B', Nd), src_idx (B', N - Nd)), each in ascending token order.
     """
-    hsy, wsx = h // sy, w // sx
+    hsy, wsx, fst = h // sy, w // sx, frames // st
     device = choice.device
-    rows = torch.arange(hsy, device=device).view(1, hsy, 1) * sy + torch.div(choice, sx, rounding_mode="floor")
-    cols = torch.arange(wsx, device=device).view(1, 1, wsx) * sx + choice % sx
-    dst_idx = (rows * w + cols).flatten(1)
-    is_dst = torch.zeros(dst_idx.shape[0], h * w, dtype=torch.int8, device=device)
+    choice = choice.view(choice.shape[0], fst, hsy, wsx)
+    plane = sy * sx
+    t = torch.arange(fst, device=device).view(1, fst, 1, 1) * st + torch.div(choice, plane, rounding_mode="floor")
+    rows = torch.arange(hsy, device=device).view(1, 1, hsy, 1) * sy + torch.div(choice % plane, sx,
+                                                                                 rounding_mode="floor")
+    cols = torch.arange(wsx, device=device).view(1, 1, 1, wsx) * sx + choice % sx
+    dst_idx = ((t * h + rows) * w + cols).flatten(1)
+    n = frames * h * w
+    is_dst = torch.zeros(dst_idx.shape[0], n, dtype=torch.int8, device=device)
     is_dst.scatter_(1, dst_idx, 1)
-    src_idx = torch.argsort(is_dst, dim=1, stable=True)[:, : h * w - dst_idx.shape[1]]
+    src_idx = torch.argsort(is_dst, dim=1, stable=True)[:, : n - dst_idx.shape[1]]
     return dst_idx, src_idx
 
 
@@ -125,48 +132,62 @@ def _fold_most_similar(metric: torch.Tensor, dst_idx: torch.Tensor, src_idx: tor
 
 
 def random_destinations(h: int, w: int, sx: int, sy: int, generator: torch.Generator | None,
-                        device: torch.device) -> torch.Tensor:
-    """ToMeSD's destination choice: one random offset per cell (drawn on the generator's device)."""
-    shape = (h // sy, w // sx)
+                        device: torch.device, frames: int = 1, st: int = 1) -> torch.Tensor:
+    """ToMeSD's destination choice: one random offset per cell (drawn on the generator's device).
+    Over several frames, cells span st frames as well (the 2-D draw is unchanged for one frame)."""
+    shape = (h // sy, w // sx) if frames == 1 and st == 1 else (frames // st, h // sy, w // sx)
     if generator is None:
         return torch.zeros((1, *shape), dtype=torch.int64, device=device)
     gen_device = generator.device
-    choice = torch.randint(sx * sy, size=(*shape, 1), generator=generator, device=gen_device)
+    choice = torch.randint(sx * sy * st, size=(*shape, 1), generator=generator, device=gen_device)
     return choice.view(1, *shape).to(device)
 
 
 def bipartite_soft_matching_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
-                               choice: torch.Tensor) -> TokenReduction:
-    """ToMeSD: one destination per sy x sx cell (given by `choice`), the r sources most similar
-    (cosine) to some destination are merged into it. r is capped at the number of sources."""
-    dst_idx, src_idx = cell_partition(h, w, sx, sy, choice)
+                               choice: torch.Tensor, frames: int = 1, st: int = 1) -> TokenReduction:
+    """ToMeSD: one destination per sy x sx (x st frames) cell (given by `choice`), the r sources most
+    similar (cosine) to some destination are merged into it. r is capped at the number of sources."""
+    dst_idx, src_idx = cell_partition(h, w, sx, sy, choice, frames, st)
     r = min(r, src_idx.shape[1])
-    return _fold_most_similar(metric, dst_idx, src_idx, r, h * w)
+    return _fold_most_similar(metric, dst_idx, src_idx, r, frames * h * w)
 
 
 def similarity_pruning_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
-                          noise: float = 0.0, generator: torch.Generator | None = None) -> TokenReduction:
+                          noise: float = 0.0, generator: torch.Generator | None = None, frames: int = 1,
+                          st: int = 1) -> TokenReduction:
     """SiTo: score each token by its summed cosine similarity to all tokens (plus noise), keep the
-    highest-scoring token of each cell as a base, prune the r other tokens most similar to a base.
-    `noise` is the standard deviation of Gaussian noise added to the (mean) similarity score.
-    The summed similarity is x_i . sum_j x_j, so no N x N matrix is formed."""
+    highest-scoring token of each cell (sy x sx, x st frames) as a base, prune the r other tokens
+    most similar to a base. `noise` is the standard deviation of Gaussian noise added to the (mean)
+    similarity score. The summed similarity is x_i . sum_j x_j, so no N x N matrix is formed."""
     unit = F.normalize(metric, dim=-1)
     score = (unit @ unit.sum(dim=1, keepdim=True).transpose(-1, -2)).squeeze(-1) / metric.shape[1]
     if noise:
         rand = torch.randn(score.shape, generator=generator, device=generator.device if generator else None)
         score = score + noise * rand.to(score.device, score.dtype)
-    hsy, wsx = h // sy, w // sx
-    cells = score.view(-1, h, w)[:, : hsy * sy, : wsx * sx].reshape(-1, hsy, sy, wsx, sx)
-    choice = cells.permute(0, 1, 3, 2, 4).reshape(-1, hsy, wsx, sy * sx).argmax(dim=-1)
-    dst_idx, src_idx = cell_partition(h, w, sx, sy, choice)
+    fst, hsy, wsx = frames // st, h // sy, w // sx
+    cells = score.view(-1, frames, h, w)[:, : fst * st, : hsy * sy, : wsx * sx]
+    cells = cells.reshape(-1, fst, st, hsy, sy, wsx, sx).permute(0, 1, 3, 5, 2, 4, 6)
+    choice = cells.reshape(-1, fst, hsy, wsx, st * sy * sx).argmax(dim=-1)
+    dst_idx, src_idx = cell_partition(h, w, sx, sy, choice, frames, st)
     r = min(r, src_idx.shape[1])
-    return _fold_most_similar(unit, dst_idx, src_idx, r, h * w, normalized=True)
+    return _fold_most_similar(unit, dst_idx, src_idx, r, frames * h * w, normalized=True)
 
 
-def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mode: str = "nearest") -> torch.Tensor:
-    """ToDo: downsample (B, F*h*w, C) grid tokens by `factor` in height and width -> (B, F*h'*w', C)."""
+def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mode: str = "nearest",
+                factor_t: float = 1.0) -> torch.Tensor:
+    """ToDo: downsample (B, F*h*w, C) grid tokens by `factor` in height and width (and by `factor_t`
+    over frames) -> (B, F'*h'*w', C). Odd sizes keep their last row/column/frame."""
     b, n, c = x.shape
-    size = (math.ceil(h / factor), math.ceil(w / factor))  # odd grids keep their last row/column
+    size = (math.ceil(h / factor), math.ceil(w / factor))
+    if factor_t > 1 and frames > 1:
+        size3 = (math.ceil(frames / factor_t), *size)
+        grid = x.reshape(b, frames, h, w, c).permute(0, 4, 1, 2, 3)
+        ops = {"nearest": lambda g: F.interpolate(g, size=size3, mode="nearest-exact"),
+               "avg": lambda g: F.adaptive_avg_pool3d(g, size3), "max": lambda g: F.adaptive_max_pool3d(g, size3)}
+        if mode not in ops:
+            raise ValueError(f"pool mode must be one of {list(ops)}, got {mode!r}")
+        out = ops[mode](grid)
+        return out.permute(0, 2, 3, 4, 1).reshape(b, size3[0] * size[0] * size[1], c)
     grid = x.reshape(b * frames, h, w, c).permute(0, 3, 1, 2)
     if mode == "nearest":
         out = F.interpolate(grid, size=size, mode="nearest-exact")
@@ -177,3 +198,98 @@ def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mod
     else:
         raise ValueError(f"pool mode must be one of ['nearest', 'avg', 'max'], got {mode!r}")
     return out.permute(0, 2, 3, 1).reshape(b, frames * size[0] * size[1], c)
+
+
+# -- image tokens inside longer sequences ----------------------------------------------------------
+
+
+class ImageSpan:
+    """Where the image tokens of a sequence lie: `n` tokens on the grid (frames, h, w) after `text`
+    text tokens (text_first) or before them. A sequence of exactly `n` tokens is image tokens only."""
+
+    __slots__ = ("n", "grid", "text", "text_first")
+
+    def __init__(self, grid: tuple[int, int, int], text: int = 0, text_first: bool = False):
+        self.grid, self.text, self.text_first = grid, text, text_first
+        self.n = grid[0] * grid[1] * grid[2]
+
+    def start(self, length: int) -> int | None:
+        """First image position in a sequence of `length` tokens (None: the length fits neither)."""
+        if length == self.n:
+            return 0
+        if self.text and length == self.n + self.text:
+            return self.text if self.text_first else 0
+        return None
+
+    def replace(self, x: torch.Tensor, dim: int, fn) -> torch.Tensor | None:
+        """x with its image span along `dim` replaced by fn(span), or None when x holds no span."""
+        start = self.start(x.shape[dim])
+        if start is None:
+            return None
+        if x.shape[dim] == self.n:
+            return fn(x)
+        img = x.narrow(dim, start, self.n)
+        return torch.cat([x.narrow(dim, 0, start), fn(img), x.narrow(dim, start + self.n, x.shape[dim] - start - self.n)],
+                         dim=dim)
+
+
+def gather_positions(t: torch.Tensor, span: ImageSpan, order: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Per-token position data (a rotary cos/sin table, a key mask) of the tokens a reduction keeps,
+    in its order: the image span of `t` along `dim` indexed by `order` (1-D); None if `t` has no span."""
+    return span.replace(t, dim, lambda img: img.index_select(dim, order))
+
+
+def rope_seq_dim(t: torch.Tensor) -> int:
+    """Sequence dimension of a rotary table: (S, D) tables and (B, S, ...) tables."""
+    return 0 if t.ndim == 2 else 1
+
+
+class PooledAttention(torch.overrides.TorchFunctionMode):
+    """ToDo inside an attention processor: while active, each scaled_dot_product_attention call whose
+    keys are this span's sequence (image tokens alone or with the text of a joint sequence, after the
+    processor applied its rotary embedding) gets the image keys and values pooled over the grid, and
+    a key mask pooled with them. Queries keep every token. `hits` counts the calls it pooled."""
+
+    def __init__(self, span: ImageSpan, factor: float, mode: str, factor_t: float = 1.0):
+        super().__init__()
+        self.span, self.factor, self.mode, self.factor_t = span, factor, mode, factor_t
+        self.hits = 0
+        self.keys = 0
+
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        b, heads, n, d = t.shape
+        flat = pool_tokens(t.reshape(b * heads, n, d), *self.span.grid, self.factor, self.mode, self.factor_t)
+        return flat.view(b, heads, flat.shape[1], d)
+
+    def _pool_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        if mask.shape[-1] == 1:
+            return mask
+        lead = mask.shape[:-1]
+        m = mask.reshape(-1, 1, mask.shape[-1]).transpose(1, 2)  # (rows, S, 1)
+
+        def pool(img):
+            pooled = pool_tokens(img.to(torch.float32) if mask.dtype == torch.bool else img, *self.span.grid,
+                                 self.factor, self.mode, self.factor_t)
+            return pooled > 0 if mask.dtype == torch.bool else pooled.to(mask.dtype)
+
+        out = self.span.replace(m, 1, pool)
+        return None if out is None else out.transpose(1, 2).reshape(*lead, out.shape[1])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not kwargs.get("is_causal", False):
+            names = ("query", "key", "value", "attn_mask")
+            values = list(args) + [kwargs.pop(k) for k in names[len(args):] if k in kwargs]
+            q, k, v = values[:3]
+            mask = values[3] if len(values) > 3 else None
+            length = k.shape[-2]
+            if k.ndim == 4 and q.shape[-2] == length and self.span.start(length) is not None:
+                k2 = self.span.replace(k, 2, self._pool)
+                v2 = self.span.replace(v, 2, self._pool)
+                m2 = self._pool_mask(mask) if mask is not None else None
+                if mask is None or m2 is not None:
+                    self.hits += 1
+                    self.keys = k2.shape[-2]
+                    return func(q, k2, v2, m2, *values[4:], **kwargs)
+            return func(*values, **kwargs)
+        return func(*args, **kwargs)

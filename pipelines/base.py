@@ -25,8 +25,10 @@ def tensor_arg(args: tuple, kwargs: dict, name: str, position: int = 0) -> Any:
 class Adapter:
     """One model family. Subclasses set the class attributes and, where needed, override methods.
 
-    blocks: (path of a ModuleList of blocks, {child name: (site kind, token layout)}) pairs, in
-    execution order. token_methods: whether token merging/downsampling/pruning act on this family.
+    blocks: (path of a ModuleList of blocks, {child name: (site kind, token layout[, rotary argument])})
+    pairs, in execution order; the rotary argument is (keyword, position) of the (cos, sin) embeddings
+    the child's forward takes. token_methods: whether token merging/downsampling/pruning act on this
+    family.
     """
 
     family: ClassVar[str] = ""
@@ -35,7 +37,7 @@ class Adapter:
     cfg_layout: ClassVar[str] = "batched"
     cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
     input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
-    token_methods: ClassVar[bool] = False
+    token_methods: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -54,10 +56,12 @@ class Adapter:
         for path, children in self.blocks:
             blocks = self.model.get_submodule(path) if _has_submodule(self.model, path) else []
             for i, block in enumerate(blocks):
-                for child, (kind, layout) in children.items():
+                for child, (kind, layout, *rope) in children.items():
                     module = getattr(block, child, None)
                     if isinstance(module, torch.nn.Module):
-                        sites.append(self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout))
+                        site = self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout)
+                        site.rope = rope[0] if rope else None
+                        sites.append(site)
                 depth += 1
         return _number(sites)
 
@@ -66,7 +70,7 @@ class Adapter:
         if not self.token_methods:
             note = f"token methods not enabled for {self.family}"
         else:
-            note = {"image": "", "text": "text tokens only"}.get(layout, f"{layout} token layout")
+            note = "text tokens only" if layout == "text" else ""
         return Site(name=name, kind=kind, module=module, block=block, depth=depth, downsample=downsample,
                     layout=layout, note=note)
 

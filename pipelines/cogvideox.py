@@ -8,7 +8,7 @@ from .base import Adapter, tensor_arg
 class CogVideoXAdapter(Adapter):
     family = "CogVideoX"
     model_classes = ("CogVideoXTransformer3DModel",)
-    blocks = (("transformer_blocks", {"attn1": ("self_attn", "joint"), "ff": ("ff", "joint")}),)
+    blocks = (("transformer_blocks", {"attn1": ("self_attn", "joint", ("image_rotary_emb", -1)), "ff": ("ff", "joint")}),)
 
     def geometry(self, args, kwargs):
         x = tensor_arg(args, kwargs, "hidden_states")  # (B, F, C, H, W)

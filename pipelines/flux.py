@@ -9,14 +9,16 @@ from diffaccel.sites import Geometry
 
 from .base import Adapter, tensor_arg
 
+ROPE = ("image_rotary_emb", 3)  # (cos, sin) over [text, image]
+
 
 class FluxAdapter(Adapter):
     family = "Flux"
     model_classes = ("FluxTransformer2DModel",)
     cfg_layout = "separate"  # true CFG runs cond then uncond; guidance-distilled runs one call
     blocks = (
-        ("transformer_blocks", {"attn": ("self_attn", "joint"), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
-        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint"),
+        ("transformer_blocks", {"attn": ("self_attn", "joint", ROPE), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
+        ("single_transformer_blocks", {"attn": ("self_attn", "joint", ROPE), "proj_mlp": ("ff", "joint"),
                                       "proj_out": ("ff", "joint")}),
     )
 

@@ -36,7 +36,6 @@ class BasicBlockAdapter(Adapter):
     """Families built from BasicTransformerBlocks on one token grid."""
 
     cfg_layout = "batched"
-    token_methods = True
 
     def find_sites(self) -> list[Site]:
         return _number(basic_block_sites(self, self.model))

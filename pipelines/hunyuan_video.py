@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from .base import Adapter, tensor_arg
 
+ROPE = ("image_rotary_emb", -1)  # (cos, sin) over the video tokens
+
 
 class HunyuanVideoAdapter(Adapter):
     family = "HunyuanVideo"
     model_classes = ("HunyuanVideoTransformer3DModel",)
     cfg_layout = "separate"  # guidance-distilled: one call per step; true CFG: cond then uncond
     blocks = (
-        ("transformer_blocks", {"attn": ("self_attn", "joint"), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
-        ("single_transformer_blocks", {"attn": ("self_attn", "joint"), "proj_mlp": ("ff", "joint"),
+        ("transformer_blocks", {"attn": ("self_attn", "joint", ROPE), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),
+        ("single_transformer_blocks", {"attn": ("self_attn", "joint", ROPE), "proj_mlp": ("ff", "joint"),
                                       "proj_out": ("ff", "joint")}),
     )
 

@@ -10,7 +10,7 @@ from .base import Adapter, tensor_arg
 class LTXVideoAdapter(Adapter):
     family = "LTX-Video"
     model_classes = ("LTXVideoTransformer3DModel",)
-    blocks = (("transformer_blocks", {"attn1": ("self_attn", "rope"), "attn2": ("cross_attn", "image"),
+    blocks = (("transformer_blocks", {"attn1": ("self_attn", "rope", ("image_rotary_emb", 3)), "attn2": ("cross_attn", "image"),
                                       "ff": ("ff", "image")}),)
 
     def geometry(self, args, kwargs):

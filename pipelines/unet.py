@@ -14,7 +14,6 @@ class UNetAdapter(Adapter):
     family = "SD 1.x/2.x"
     model_classes = ("UNet2DConditionModel",)
     cfg_layout = "batched"
-    token_methods = True
     input_name = "sample"
 
     def variant(self) -> str:

@@ -10,7 +10,7 @@ class WanAdapter(Adapter):
     family = "Wan 2.1/2.2"
     model_classes = ("WanTransformer3DModel",)
     cfg_layout = "separate"
-    blocks = (("blocks", {"attn1": ("self_attn", "rope"), "attn2": ("cross_attn", "image"), "ffn": ("ff", "image")}),)
+    blocks = (("blocks", {"attn1": ("self_attn", "rope", ("rotary_emb", 3)), "attn2": ("cross_attn", "image"), "ffn": ("ff", "image")}),)
 
     def geometry(self, args, kwargs):
         x = tensor_arg(args, kwargs, "hidden_states")  # (B, C, F, H, W)

@@ -83,6 +83,19 @@ def test_caching_bench_counts_flops_on_meta_and_times_whole_runs(tmp_path):
     assert rows["toca idle (warmup >= steps)"]["rel_error_last_step"] == 0
 
 
+def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["bench", "--arch", "tiny-pixart", "--tokens", "--sizes", "128", "--repeats", "1", "--warmup", "0",
+                 "--only", "tome", "todo", "--out", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"baseline", "tome default", "tome ratio=0.6", "tome ratio=0.75", "todo default",
+                         "todo factor=3", "todo factor=4"}
+    # the tiny model is below the cost model's threshold: the defaults leave it alone, explicit settings act
+    assert rows["tome default"]["flops"] == rows["baseline"]["flops"] and rows["tome default"]["rel_error"] == 0
+    assert rows["tome ratio=0.75"]["flop_speedup"] > rows["tome ratio=0.6"]["flop_speedup"] > 1.2
+    assert rows["todo factor=4"]["flop_speedup"] > 1.2 and rows["todo factor=4"]["rel_error"] > 0
+
+
 def test_readme_support_table_matches_the_code():
     text = (ROOT / "README.md").read_text()
     table = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip()

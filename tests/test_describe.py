@@ -2,7 +2,16 @@ import json
 
 import torch
 
-from diffaccel import Linear, Policy, Rule, Selector, ToMeConfig, accelerate_pipeline, describe
+from diffaccel import (
+    Linear,
+    Policy,
+    Rule,
+    Selector,
+    ToMeConfig,
+    accelerate_pipeline,
+    describe,
+    remove_acceleration,
+)
 
 
 def test_describe_before_and_after_a_run(make_case):
@@ -33,13 +42,11 @@ def test_describe_before_and_after_a_run(make_case):
     assert "ratio=0.6 @0" in text and "1024 -> 410..738 over 5 steps" in text
 
 
-def test_describe_reports_why_a_family_is_idle(make_case):
+def test_describe_reports_why_sites_are_skipped(make_case):
+    """At its default factor ToDo asks the cost model: on 256 image tokens pooling pays off, on 16 it
+    does not and describe says so per site; text-only sites say why they are never touched."""
     case = make_case("flux")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        accelerate_pipeline(case.pipe, "todo")
+    accelerate_pipeline(case.pipe, ["todo", ToMeConfig(merge_attn=False, merge_mlp=True)])
     case.run(steps=2, guidance=True)
     d = describe(case.pipe)
     den = d["denoisers"][0]
@@ -47,7 +54,24 @@ def test_describe_reports_why_a_family_is_idle(make_case):
     assert den["last_call"]["branch"] == "uncond"  # true CFG: the second call of the step
     assert den["last_call"]["geometry"] == {"frames": 1, "height": 16, "width": 16, "text_tokens": 8,
                                             "text_first": True}
-    assert all(s["methods"]["todo"]["reason"] == "token methods not enabled for Flux" for s in den["sites"])
+    attn = [s for s in den["sites"] if s["kind"] == "self_attn"]
+    assert attn and all(s["methods"]["todo"]["acts"] and s["last_run_note"] is None for s in attn)
+    assert all(v["keys_values"] < v["tokens"] for s in attn for v in s["last_run"].values())
+    text = [s for s in den["sites"] if s["name"].endswith("ff_context")]
+    assert text and all(s["methods"]["tome"]["reason"] == "text tokens only" for s in text)
+
+    case.run(steps=2, guidance=True, size=32)  # a 2 x 2 token grid
+    d = describe(case.pipe)
+    attn = [s for s in d["denoisers"][0]["sites"] if s["kind"] == "self_attn"]
+    assert all(v["keys_values"] == v["tokens"] for s in attn for v in s["last_run"].values())  # nothing pooled
+    assert all(s["last_run_note"].startswith("cost model: saves ~") and "so this site is skipped" in s["last_run_note"]
+               for s in attn)
+    assert "cost model: saves" in str(d)
+    remove_acceleration(case.pipe)
+    accelerate_pipeline(case.pipe, "todo", factor=2)  # an explicit factor acts wherever it is selected
+    case.run(steps=2, guidance=True, size=32)
+    attn = [s for s in describe(case.pipe)["denoisers"][0]["sites"] if s["kind"] == "self_attn"]
+    assert all(v["keys_values"] < v["tokens"] for s in attn for v in s["last_run"].values())
 
 
 def test_video_geometry_is_read_per_family(make_case):

@@ -188,7 +188,7 @@ def test_lora_and_ip_adapter_keep_working_through_acceleration(make_case):
         unet.disable_adapters()
         assert not torch.equal(unet(x, t, ctx, added_cond_kwargs=cond).sample, base)  # the LoRA is live
         unet.enable_adapters()
-        accelerate_pipeline(unet, "tome", merge_crossattn=True)
+        accelerate_pipeline(unet, "tome", merge_crossattn=True, ratio=0.5)
         calls.clear()
         out = unet(x, t, ctx, added_cond_kwargs=cond).sample
         assert 512 in calls and 1024 not in calls  # IP-Adapter attention ran on merged queries
@@ -211,7 +211,7 @@ def test_generic_fallback_for_other_basic_block_models():
     x = torch.randn(1, 8, 16, 16)
     with torch.no_grad():
         base = model(x).sample
-        accelerate_pipeline(model, "tome")
+        accelerate_pipeline(model, "tome", ratio=0.5)
         out = model(x).sample
         d = describe(model)
         remove_acceleration(model)
@@ -226,11 +226,11 @@ def test_bare_denoiser_told_about_cfg_pairs_shares_the_selection(make_case):
     unet = make_case("sd1").pipe.unet
     lat = torch.randn(1, 4, 32, 32)
     x, t, ctx = torch.cat([lat, lat]), torch.tensor([10]), torch.randn(2, 8, 32)
-    accelerate_pipeline(unet, "sito", cfg_batched=True)
+    accelerate_pipeline(unet, "sito", cfg_batched=True, ratio=0.5)
     st = installation(unet).denoisers[0]
     seen = []
     handle = st.hooks[0].site.module.register_forward_hook(
-        lambda m, a, k, o: seen.append(st.hooks[0]._restores[0].__self__), with_kwargs=True, prepend=True)
+        lambda m, a, k, o: seen.append(st.hooks[0]._restores[0].reduction), with_kwargs=True, prepend=True)
     with torch.no_grad():
         unet(x, t, ctx)
     handle.remove()

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
+from ..cost import reduction_estimate
 from ..policy import Policy, Rule, Selector
 from ..sites import Site
-from ..tokens import TokenReduction
+from ..tokens import ImageSpan, TokenReduction, gather_positions, rope_seq_dim
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods act on
@@ -57,13 +59,26 @@ class SiteCall:
     """One call of a site's module, as methods rewrite it: its hidden states, its keyword arguments,
     and the functions that turn the reduced output back into a full one."""
 
-    __slots__ = ("args", "kwargs", "restores", "keys_values", "reduced")
+    __slots__ = ("args", "kwargs", "restores", "keys_values", "reduced", "around")
 
     def __init__(self, args: tuple, kwargs: dict):
         self.args, self.kwargs = list(args), dict(kwargs)
         self.restores: list = []
         self.keys_values: int | None = None  # tokens keys/values come from, when a method changed them
         self.reduced = False
+        self.around: Any = None  # a context manager the sub-layer's forward runs in (ToDo inside attention)
+
+    def get(self, name: str, position: int = -1) -> Any:
+        """An argument of the call by keyword, or by position (counting the hidden states as 0)."""
+        if 0 <= position < len(self.args):
+            return self.args[position]
+        return self.kwargs.get(name)
+
+    def set(self, name: str, position: int, value: Any) -> None:
+        if 0 <= position < len(self.args):
+            self.args[position] = value
+        else:
+            self.kwargs[name] = value
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -163,6 +178,23 @@ class MethodConfig:
     def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
         """Rewrite the call (token methods). Caching methods act through `plan` instead."""
 
+    def wraps_forward(self, site: Site) -> bool:
+        """Whether the method needs the site's forward wrapped (to skip it, or to run it in a context)."""
+        return self.caches
+
+    def conflict(self, site: Site, others: list[MethodConfig]) -> str | None:
+        """Why this method cannot share the site with these others (None when it can)."""
+        return None
+
+    def uses_cost_model(self) -> bool:
+        """Whether the cost model may skip sites: `cost_model` when set, else only for the method's
+        default strength and schedule (an explicit setting acts wherever its selectors point)."""
+        choice = getattr(self, "cost_model", False)
+        if choice is not None:
+            return bool(choice)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return self.policy is None and all(getattr(self, k) == defaults.get(k) for k in self.params)
+
     def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
         """Caching methods: whether this call returns the cached output instead of running."""
         return False
@@ -197,12 +229,30 @@ class MethodConfig:
         return {"method": self.name, **d}
 
 
-def grid_of(site: Site, ctx: Any, n_tokens: int) -> tuple[int, int, int] | None:
-    """The (frames, h, w) grid of a site's image tokens in this call, if it fits the token count."""
+def image_span(site: Site, ctx: Any, n: int) -> ImageSpan | None:
+    """Where a site call's image tokens lie among its `n` tokens (None when the count fits no grid).
+    Joint sites count the text of the call: it is in the sequence, or in the attention beside it."""
     grid = site.grid(ctx.geometry)
-    if grid is None or grid[0] * grid[1] * grid[2] != n_tokens:
+    if grid is None:
         return None
-    return grid
+    geo = ctx.geometry
+    span = ImageSpan(grid, geo.text_tokens if site.layout == "joint" else 0, geo.text_first)
+    return span if span.start(n) is not None else None
+
+
+# Processors that take keys and values from `encoder_hidden_states` when given and queries from the
+# hidden states (joint processors read it as a second token stream instead)
+KV_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
+                 "SlicedAttnProcessor")
+
+
+def kv_attention(site: Site) -> bool:
+    """Whether a self-attention site can take keys and values apart from its queries, as
+    `encoder_hidden_states` (an image-token site without rotary embeddings, with such a processor)."""
+    m = site.module
+    return (site.layout == "image" and site.rope is None
+            and type(getattr(m, "processor", None)).__name__ in KV_PROCESSORS
+            and getattr(m, "norm_cross", None) is None and not getattr(m, "is_cross_attention", False))
 
 
 def cfg_rows(x: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -224,10 +274,14 @@ METRICS = ("block", "hidden")
 
 
 class CellReductionConfig(MethodConfig):
-    """Shared by the methods that reduce a site's image tokens with one kept token per sx x sy cell
-    (ToMe merges the others, SiTo prunes them). Subclasses declare the fields ratio, sx, sy, seed,
-    max_downsample, metric and the three sub-layer switches named in `kind_flags`, and provide
-    `build_reduction`."""
+    """Shared by the methods that reduce a site's image tokens with one kept token per sx x sy (x st
+    frames) cell (ToMe merges the others, SiTo prunes them). Subclasses declare the fields ratio, sx,
+    sy, st, seed, max_downsample, metric, cost_model and the three sub-layer switches named in
+    `kind_flags`, and provide `build_reduction`.
+
+    On joint sequences only the image span is reduced (text tokens pass unchanged); rotary tables and
+    key masks are gathered for the kept tokens (a merged destination keeps its own position), and an
+    (image, text) output pair has its image part restored."""
 
     priority = 10
     reduces_tokens = True
@@ -239,6 +293,9 @@ class CellReductionConfig(MethodConfig):
         n = type(self).__name__
         check_number(n, "sx", self.sx, 1, 64, integer=True)
         check_number(n, "sy", self.sy, 1, 64, integer=True)
+        check_number(n, "st", self.st, 0, 64, integer=True)
+        if self.cost_model is not None:
+            check_bool(n, "cost_model", self.cost_model)
         check_number(n, "ratio", self.ratio, 0.0, 1.0 - 1.0 / (self.sx * self.sy))
         check_number(n, "seed", self.seed, 0, 2**62, integer=True)
         check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
@@ -263,22 +320,32 @@ class CellReductionConfig(MethodConfig):
     def needs_block_input(self) -> bool:
         return self.metric == "block"
 
-    def build_reduction(self, metric: torch.Tensor, h: int, w: int, r: int,
+    def frames_per_cell(self, frames: int) -> int:
+        """st: frames a cell spans (0 = auto: 2 on video grids, 1 on images), at most the frames."""
+        st = self.st or (2 if frames > 1 else 1)
+        return max(1, min(st, frames))
+
+    def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def reduction_for(self, site: Site, ctx: Any, x: torch.Tensor, h: int, w: int, r: int) -> TokenReduction:
-        """The reduction of this call's tokens. With metric="block", similarity is measured on the
-        enclosing block's input and one reduction serves all sub-layers of the block in this call (as
-        ToMeSD merges attention, cross-attention and MLP with one matching); otherwise, or when the
-        block input does not hold the sub-layer's tokens, on the sub-layer's own input."""
+    def reduction_for(self, site: Site, ctx: Any, x: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
+                      one_row: bool = False) -> TokenReduction:
+        """The reduction of this call's image tokens x (B, N, C). With metric="block", similarity is
+        measured on the enclosing block's input and one reduction serves all sub-layers of the block
+        in this call (as ToMeSD merges attention, cross-attention and MLP with one matching);
+        otherwise, or when the block input does not hold these tokens, on the sub-layer's own input.
+        one_row: one reduction for every batch row (the sub-layer takes per-token positions or a mask
+        shared by the rows), measured on the rows' mean direction."""
         block_input = ctx.block_inputs.get(site.block) if self.metric == "block" else None
         shared = block_input is not None and block_input.shape[:2] == x.shape[:2]
-        key = (self.name, site.block, r)
+        key = (self.name, site.block, r, one_row)
         if shared and key in ctx.shared:
             return ctx.shared[key]
         metric = cfg_rows(block_input if shared else x, ctx)
-        reduction = self.build_reduction(metric, h, w, r, block_generator(self.seed, ctx.step, site))
+        if one_row and metric.shape[0] > 1:
+            metric = F.normalize(metric, dim=-1).mean(dim=0, keepdim=True)
+        reduction = self.build_reduction(metric, grid, st, r, block_generator(self.seed, ctx.step, site))
         reduction = reduction.expand(x.shape[0])
         if shared:
             ctx.shared[key] = reduction
@@ -286,11 +353,56 @@ class CellReductionConfig(MethodConfig):
 
     def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
         x = call.hidden
-        grid = grid_of(site, ctx, x.shape[1])
-        if grid is None or grid[0] != 1:
+        span = image_span(site, ctx, x.shape[1])
+        if span is None:
             return
-        _, h, w = grid
-        reduction = self.reduction_for(site, ctx, x, h, w, int(params["ratio"] * x.shape[1]))
-        call.hidden = reduction.reduce(x, self.mode)
-        call.restores.append(reduction.restore)
+        n, (f, h, w) = span.n, span.grid
+        st = self.frames_per_cell(f)
+        r = int(params["ratio"] * n)
+        rope = call.get(*site.rope) if site.rope else None
+        mask = call.get("attention_mask", 2)
+        if self.uses_cost_model():
+            cells = (f // st) * (h // self.sy) * (w // self.sx)
+            estimate = reduction_estimate(site.module, site.kind, x, n, n - min(r, n - cells),
+                                          x.shape[1] - n + span.text if x.shape[1] == n else x.shape[1] - n,
+                                          cells, prune=self.mode == "drop")
+            if not estimate.worth_it:
+                ctx.notes[site.name] = estimate.why()
+                return
+        start = span.start(x.shape[1])
+        img = x if n == x.shape[1] else x.narrow(1, start, n)
+        reduction = self.reduction_for(site, ctx, img, span.grid, st, r, one_row=rope is not None or mask is not None)
+        if rope is not None or mask is not None:  # positions and key masks follow the kept tokens
+            order = torch.cat([reduction.keep_idx[0], reduction.dst_idx[0]])
+            if rope is not None:
+                rope = tuple(gather_positions(t, span, order, rope_seq_dim(t)) for t in rope)
+                if any(t is None for t in rope):
+                    ctx.notes[site.name] = "its rotary table does not cover these tokens, so it is skipped"
+                    return
+                call.set(*site.rope, rope)
+            if mask is not None:  # a mask over these tokens (keys, or queries and keys); others stay
+                for dim in (mask.ndim - 1, mask.ndim - 2):
+                    if dim >= 1 and mask.shape[dim] > 1:
+                        mask = gather_positions(mask, span, order, dim) if span.start(mask.shape[dim]) is not None \
+                            else mask
+                call.set("attention_mask", 2, mask)
+        reduced = reduction.reduce(img, self.mode)
+        call.hidden = reduced if n == x.shape[1] else span.replace(x, 1, lambda _: reduced)
+        call.restores.append(_span_restore(reduction, start if n != x.shape[1] else 0))
         call.reduced = True
+
+
+def _span_restore(reduction: TokenReduction, start: int):
+    """The inverse of a reduction for a sub-layer output: the image tokens at `start` of a joint
+    sequence (or all of it), or the first element of an (image, text) output pair."""
+    kept = reduction.kept
+
+    def restore(y):
+        if isinstance(y, tuple):
+            return (restore(y[0]), *y[1:])
+        if y.shape[1] == kept:
+            return reduction.restore(y)
+        return torch.cat([y[:, :start], reduction.restore(y[:, start:start + kept]), y[:, start + kept:]], dim=1)
+
+    restore.reduction = reduction
+    return restore

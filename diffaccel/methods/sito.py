@@ -22,11 +22,15 @@ from .base import CellReductionConfig, check_number, register
 class SiToConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens pruned (at most 1 - 1/(sx*sy)); noise: standard deviation
     of the Gaussian noise on the similarity score (varies the base tokens across steps).
-    metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden")."""
+    st: frames a cell spans on video grids (0: 2 on video, 1 on images).
+    metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden").
+    cost_model: skip calls where pruning costs more than it saves (diffaccel.cost); None: only at
+    the default ratio and schedule."""
 
     ratio: float = 0.5
     sx: int = 2
     sy: int = 2
+    st: int = 0
     noise: float = 0.1
     seed: int = 0
     max_downsample: int = 1
@@ -34,6 +38,7 @@ class SiToConfig(CellReductionConfig):
     prune_crossattn: bool = False
     prune_mlp: bool = False
     metric: str = "block"
+    cost_model: bool | None = None
     policy: Policy | dict | str | None = None
 
     name = "sito"
@@ -44,6 +49,8 @@ class SiToConfig(CellReductionConfig):
         super().validate()
         check_number(type(self).__name__, "noise", self.noise, 0.0, 10.0)
 
-    def build_reduction(self, metric: torch.Tensor, h: int, w: int, r: int,
+    def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:
-        return similarity_pruning_2d(metric, h, w, self.sx, self.sy, r, self.noise, generator if self.noise else None)
+        f, h, w = grid
+        return similarity_pruning_2d(metric, h, w, self.sx, self.sy, r, self.noise, generator if self.noise else None,
+                                     f, st)

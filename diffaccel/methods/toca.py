@@ -53,7 +53,8 @@ from .base import (
     cfg_rows,
     check_choice,
     check_number,
-    grid_of,
+    image_span,
+    kv_attention,
     register,
 )
 
@@ -210,10 +211,10 @@ class TokenwiseCache(MethodConfig):
 
     def cell_bonus(self, site: Site, ctx: Any, score: torch.Tensor) -> torch.Tensor:
         """1 for the highest-scoring token of each cell of the image-token grid, 0 elsewhere."""
-        span = _image_span(site, ctx, score.shape[1])
+        span = image_span(site, ctx, score.shape[1])
         if span is None:
             return torch.zeros_like(score)
-        start, (f, h, w) = span
+        start, (f, h, w) = span.start(score.shape[1]), span.grid
         img = score[:, start:start + f * h * w].reshape(-1, 1, f, h, w)
         kernel = (min(self.cell_frames, f), min(self.cell, h), min(self.cell, w))
         best = F.max_pool3d(img, kernel, kernel, ceil_mode=True)
@@ -229,31 +230,12 @@ def _row_scaled(x: torch.Tensor) -> torch.Tensor:
     return x / x.amax(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _image_span(site: Site, ctx: Any, n: int) -> tuple[int, tuple[int, int, int]] | None:
-    """Where the image tokens lie in a site's sequence: (first index, (frames, h, w)), or None."""
-    grid = grid_of(site, ctx, n)
-    if grid is not None:
-        return 0, grid
-    geo = ctx.geometry
-    if site.layout != "joint" or geo is None or geo.image_tokens + geo.text_tokens != n:
-        return None
-    return (geo.text_tokens if geo.text_first else 0), (geo.frames, geo.height, geo.width)
-
-
-# Processors that take keys and values from `encoder_hidden_states` when given and queries from the
-# hidden states (joint processors read it as a second token stream instead)
-KV_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
-                 "SlicedAttnProcessor")
-
-
 def _image_self_attention(site: Site, x: torch.Tensor) -> bool:
     """Whether a self-attention site computes keys and values from its own image tokens, with
     diffusers' Attention projections and a processor that can take them separately from the
     queries: then queries can be a subset of the tokens."""
     m = site.module
-    return (site.layout == "image" and all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "heads"))
-            and type(getattr(m, "processor", None)).__name__ in KV_PROCESSORS
-            and getattr(m, "norm_cross", None) is None and not getattr(m, "is_cross_attention", False)
+    return (kv_attention(site) and all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "heads"))
             and getattr(m.to_k, "in_features", None) == x.shape[-1])
 
 

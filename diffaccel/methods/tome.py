@@ -22,13 +22,17 @@ from .base import CellReductionConfig, check_bool, register
 @dataclass(frozen=True)
 class ToMeConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens merged away (at most 1 - 1/(sx*sy): one token per cell stays).
+    st: frames a cell spans on video grids (0: 2 on video, 1 on images).
     max_downsample: how many resolution levels, from the finest, are merged.
     metric: similarity measured on the block's input ("block", as ToMeSD: one matching per block
-    shared by its merged sub-layers) or on each sub-layer's own input ("hidden")."""
+    shared by its merged sub-layers) or on each sub-layer's own input ("hidden").
+    cost_model: skip calls where merging costs more than it saves (diffaccel.cost); None: only at
+    the default ratio and schedule."""
 
     ratio: float = 0.5
     sx: int = 2
     sy: int = 2
+    st: int = 0
     use_rand: bool = True
     seed: int = 0
     max_downsample: int = 1
@@ -36,6 +40,7 @@ class ToMeConfig(CellReductionConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     metric: str = "block"
+    cost_model: bool | None = None
     policy: Policy | dict | str | None = None
 
     name = "tome"
@@ -46,7 +51,9 @@ class ToMeConfig(CellReductionConfig):
         super().validate()
         check_bool(type(self).__name__, "use_rand", self.use_rand)
 
-    def build_reduction(self, metric: torch.Tensor, h: int, w: int, r: int,
+    def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:
-        choice = random_destinations(h, w, self.sx, self.sy, generator if self.use_rand else None, metric.device)
-        return bipartite_soft_matching_2d(metric, h, w, self.sx, self.sy, r, choice)
+        f, h, w = grid
+        choice = random_destinations(h, w, self.sx, self.sy, generator if self.use_rand else None, metric.device,
+                                     f, st)
+        return bipartite_soft_matching_2d(metric, h, w, self.sx, self.sy, r, choice, f, st)
