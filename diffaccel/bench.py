@@ -131,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 # -- caching methods: whole runs, FLOPs counted by torch.utils.flop_counter ---------------------
 
-CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "tiny-pixart")
+CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "tiny-pixart", "tiny-flux")
 # The papers' settings per architecture (ToCa: PixArt-alpha N=3 R=0.3; Flux N=4 R=0.1, first 3 steps
 # full; DuCa: PixArt N=3 R=0.75; FORA: N=3).
 PAPER_SETTINGS = {
@@ -187,9 +187,12 @@ def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, o
 
     # FLUX.1 at full width (24 heads x 128, T5 width 4096) with 2 double-stream and 4 single-stream
     # blocks; 512 px: 32 x 32 packed latent tokens and 512 text tokens, guidance-distilled (one call per step)
+    big = name == "flux-2x4"  # "tiny-flux": the same layout at test size
+    heads, head_dim, text, width, pooled, rope = (24, 128, 512, 4096, 768, (16, 56, 56)) if big else (
+        2, 16, 8, 32, 16, (4, 6, 6))
     model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
-                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+                                   attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
+                                   pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=rope)
     side = (size or 512) // 16
 
     def inputs(batch, step, num_steps, device, pairs=False):
@@ -198,10 +201,10 @@ def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, o
         ids[..., 1] = torch.arange(side)[:, None]
         ids[..., 2] = torch.arange(side)[None, :]
         return dict(hidden_states=torch.randn(batch, side * side, 64, generator=gen).to(device),
-                    encoder_hidden_states=torch.randn(batch, 512, 4096, generator=torch.Generator().manual_seed(-1)).to(device),
-                    pooled_projections=torch.randn(batch, 768, generator=torch.Generator().manual_seed(-2)).to(device),
+                    encoder_hidden_states=torch.randn(batch, text, width, generator=torch.Generator().manual_seed(-1)).to(device),
+                    pooled_projections=torch.randn(batch, pooled, generator=torch.Generator().manual_seed(-2)).to(device),
                     timestep=torch.full((batch,), 1 - step / num_steps).to(device),
-                    img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(512, 3).to(device),
+                    img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(text, 3).to(device),
                     guidance=torch.full((batch,), 3.5).to(device))
 
     return model.eval(), inputs
@@ -237,7 +240,7 @@ def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
 def run_caching_bench(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    family = "flux" if args.arch.startswith("flux") else "pixart"
+    family = "flux" if "flux" in args.arch else "pixart"
     settings = [("baseline", None), *PAPER_SETTINGS[family],
                 # installed, but its policy idle at every step: the cost of being there
                 ("toca idle (warmup >= steps)", {"method": "toca", "warmup": 10_000})]
@@ -269,6 +272,103 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
             print(f"latency {args.steps} steps {label:<28} {t:8.2f}s {row['speedup']:6.2f}x"
                   f"  (FLOPs {row['flop_speedup'] or float('nan'):.2f}x)  rel.err {row['rel_error_last_step']:.4f}",
                   flush=True)
+    return report
+
+
+# -- caching peers side by side: whole Euler runs with real compute -------------------------------
+
+
+def _peer_diffusers(model, config):
+    """diffusers' own cache hooks (FirstBlockCache, TaylorSeer); calls run in a cache context."""
+    model.enable_cache(config)
+    model._reset_stateful_cache()
+    return model.disable_cache
+
+
+def _peer_cache_dit(model, steps: int, taylorseer: bool):
+    """cache-dit DBCache with a static step mask (compute every third step and the last; the first
+    block always runs, Fn=1, Bn=0), optionally with its TaylorSeer calibrator (order 1)."""
+    import cache_dit
+
+    mask = [1 if i % 3 == 0 or i == steps - 1 else 0 for i in range(steps)]
+    cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=steps,
+                                  steps_computation_mask=mask, steps_computation_policy="static", max_warmup_steps=0)
+    cal = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+    cache_dit.enable_cache(model, cache_config=cfg, calibrator_config=cal)
+    return lambda: cache_dit.disable_cache(model)
+
+
+def peer_settings(steps: int) -> list[tuple[str, object, bool]]:
+    """(label, installer, runs in a diffusers cache context). cache-dit patches the transformer's
+    forward (kept after `disable_cache`, harmless for later runs), so its rows come last."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    ours = [(label, spec) for label, spec in PAPER_SETTINGS["flux"] if "flux schedule" not in label]
+    rows = [("baseline", None, False)]
+    rows += [(f"diffaccel {label}", lambda m, spec=spec: _ours(m, spec, False, steps), False) for label, spec in ours]
+    rows += [
+        ("diffusers FirstBlockCache threshold=0.05",
+         lambda m: _peer_diffusers(m, FirstBlockCacheConfig(threshold=0.05)), True),
+        ("diffusers FirstBlockCache threshold=0.5",
+         lambda m: _peer_diffusers(m, FirstBlockCacheConfig(threshold=0.5)), True),
+        ("diffusers TaylorSeer interval=3",
+         lambda m: _peer_diffusers(m, TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=1)), True),
+        ("cache-dit DBCache static mask 1/3", lambda m: _peer_cache_dit(m, steps, False), False),
+        ("cache-dit DBCache static mask 1/3 + TaylorSeer", lambda m: _peer_cache_dit(m, steps, True), False),
+    ]
+    return rows
+
+
+def _euler(model, inputs, steps: int, in_context: bool) -> torch.Tensor:
+    """A flow-matching Euler run: each step feeds the model's velocity back into the latents, so
+    consecutive calls see close inputs, as in a real sampler."""
+    import contextlib
+
+    kwargs = inputs(1, 0, steps, "cpu")
+    x = kwargs.pop("hidden_states")
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        kwargs["timestep"] = sigmas[i].expand(x.shape[0])
+        ctx = model.cache_context("cond") if in_context else contextlib.nullcontext()
+        with ctx:
+            v = model(hidden_states=x, **kwargs).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def run_peer_bench(args: argparse.Namespace) -> dict:
+    """Whole Euler runs on the Flux architecture: our caching methods at the papers' settings beside
+    cache-dit and diffusers' caches, FLOPs counted on the real run, latency, error of the result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps, size = args.steps, args.sizes[0]
+    torch.manual_seed(0)
+    model, inputs = caching_arch(args.arch, size)
+    settings = [r for r in peer_settings(steps) if r[0] == "baseline" or not args.only or any(o in r[0] for o in args.only)]
+    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch, size=size,
+                        steps=steps, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+                        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), results=[])
+    base_out = base_time = base_flops = None
+    for label, install, in_context in settings:
+        remove = install(model) if install else None
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                t0 = time.perf_counter()
+                out = _euler(model, inputs, steps, in_context)
+                elapsed = time.perf_counter() - t0
+        finally:
+            if remove:
+                remove()
+        flops = counter.get_total_flops()
+        if base_out is None:
+            base_out, base_time, base_flops = out, elapsed, flops
+        row = dict(config=label, seconds=elapsed, speedup=base_time / elapsed, flops=flops,
+                   flop_speedup=base_flops / flops, rel_error=relative_error(out, base_out))
+        report["results"].append(row)
+        print(f"{label:<48} {elapsed:8.2f}s {row['speedup']:6.2f}x  (FLOPs {row['flop_speedup']:.2f}x)"
+              f"  rel.err {row['rel_error']:.4f}", flush=True)
     return report
 
 
@@ -330,7 +430,9 @@ def run_token_bench(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.arch in CACHE_ARCHS and args.tokens:
+    if args.arch in CACHE_ARCHS and args.peers:
+        report = run_peer_bench(args)
+    elif args.arch in CACHE_ARCHS and args.tokens:
         report = run_token_bench(args)
     else:
         report = run_caching_bench(args) if args.arch in CACHE_ARCHS else run_bench(args)
@@ -349,6 +451,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--tokens", action="store_true",
                    help="pixart-alpha, flux-2x4: one denoiser call per configuration at --sizes[0] px with the "
                         "token methods (tome, todo, sito) at their defaults and two stronger settings")
+    p.add_argument("--peers", action="store_true",
+                   help="flux-2x4: whole Euler runs of --steps steps at --sizes[0] px, our caching methods beside "
+                        "cache-dit (DBCache, static mask, +TaylorSeer) and diffusers' FirstBlockCache and TaylorSeer; "
+                        "FLOPs counted on the real run")
     p.add_argument("--flop-steps", type=int, nargs="*", default=[20, 50],
                    help="caching archs: step counts of the runs to count FLOPs of (none: skip)")
     p.add_argument("--steps", type=int, default=20, help="caching archs: steps of the timed runs (0: FLOPs only)")

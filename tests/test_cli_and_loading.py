@@ -96,6 +96,17 @@ def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path)
     assert rows["todo factor=4"]["flop_speedup"] > 1.2 and rows["todo factor=4"]["rel_error"] > 0
 
 
+def test_peer_bench_runs_ours_beside_cache_dit_and_diffusers_caches(tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["bench", "--arch", "tiny-flux", "--peers", "--sizes", "128", "--steps", "9", "--out", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["baseline"]["rel_error"] == 0 and rows["baseline"]["flop_speedup"] == 1.0
+    assert rows["diffaccel fora N=3"]["flop_speedup"] > 2
+    # cache-dit's static mask computes steps 0, 3, 6 and the last, its first block every step
+    assert 1.3 < rows["cache-dit DBCache static mask 1/3"]["flop_speedup"] < 2.5
+    assert all(0 < r["rel_error"] < 1 for k, r in rows.items() if k != "baseline" and r["flop_speedup"] > 1.01)
+
+
 def test_readme_support_table_matches_the_code():
     text = (ROOT / "README.md").read_text()
     table = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip()
