@@ -58,6 +58,7 @@ class Geometry:
     width: int
     text_tokens: int = 0  # text tokens in joint sequences
     text_first: bool = False  # joint order: [text, image] when True, [image, text] otherwise
+    frame_span: int = 1  # video frames one token row spans in time (VAE temporal compression x patch)
 
     @property
     def image_tokens(self) -> int:

@@ -37,6 +37,7 @@ class Adapter:
     cfg_layout: ClassVar[str] = "batched"
     cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
     input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
+    temporal_compression: ClassVar[int] = 1  # video frames per latent frame of the family's VAE
     token_methods: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module):
@@ -88,7 +89,8 @@ class Adapter:
         else:
             pt, ph, pw = (cfg.get("patch_size_t", 1) or 1), p, p
         frames = x.shape[frames_dim] // pt if frames_dim is not None else 1
-        return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first)
+        span = self.temporal_compression * pt if frames_dim is not None else 1
+        return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first, span)
 
     def is_cfg_batched(self, pipe: Any, args: tuple, kwargs: dict, batch: int) -> bool:
         """Whether this call carries batched [uncond, cond] rows."""

@@ -8,6 +8,7 @@ from .base import Adapter, tensor_arg
 class CogVideoXAdapter(Adapter):
     family = "CogVideoX"
     model_classes = ("CogVideoXTransformer3DModel",)
+    temporal_compression = 4
     blocks = (("transformer_blocks", {"attn1": ("self_attn", "joint", ("image_rotary_emb", -1)), "ff": ("ff", "joint")}),)
 
     def geometry(self, args, kwargs):

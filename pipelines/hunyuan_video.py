@@ -10,6 +10,7 @@ ROPE = ("image_rotary_emb", -1)  # (cos, sin) over the video tokens
 class HunyuanVideoAdapter(Adapter):
     family = "HunyuanVideo"
     model_classes = ("HunyuanVideoTransformer3DModel",)
+    temporal_compression = 4
     cfg_layout = "separate"  # guidance-distilled: one call per step; true CFG: cond then uncond
     blocks = (
         ("transformer_blocks", {"attn": ("self_attn", "joint", ROPE), "ff": ("ff", "image"), "ff_context": ("ff", "text")}),

@@ -10,6 +10,7 @@ from .base import Adapter, tensor_arg
 class LTXVideoAdapter(Adapter):
     family = "LTX-Video"
     model_classes = ("LTXVideoTransformer3DModel",)
+    temporal_compression = 8
     blocks = (("transformer_blocks", {"attn1": ("self_attn", "rope", ("image_rotary_emb", 3)), "attn2": ("cross_attn", "image"),
                                       "ff": ("ff", "image")}),)
 
@@ -20,4 +21,4 @@ class LTXVideoAdapter(Adapter):
             return None, x.shape[0]
         cfg = self.model.config
         p, pt = cfg.get("patch_size", 1) or 1, cfg.get("patch_size_t", 1) or 1
-        return Geometry(f // pt, h // p, w // p), x.shape[0]
+        return Geometry(f // pt, h // p, w // p, frame_span=self.temporal_compression * pt), x.shape[0]

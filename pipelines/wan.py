@@ -9,6 +9,7 @@ from .base import Adapter, tensor_arg
 class WanAdapter(Adapter):
     family = "Wan 2.1/2.2"
     model_classes = ("WanTransformer3DModel",)
+    temporal_compression = 4
     cfg_layout = "separate"
     blocks = (("blocks", {"attn1": ("self_attn", "rope", ("rotary_emb", 3)), "attn2": ("cross_attn", "image"), "ffn": ("ff", "image")}),)
 

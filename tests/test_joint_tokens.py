@@ -248,6 +248,21 @@ def test_video_merging_spans_frames_by_default(make_case):
     assert red.kept == f * hh * ww - (f * hh * ww) // 2
 
 
+@pytest.mark.parametrize("family,span,st", [("wan", 4, 2), ("cogvideox", 4, 2), ("hunyuan_video", 4, 2), ("ltx", 8, 1),
+                                            ("pixart", 1, 1)])
+def test_frames_per_cell_default_follows_the_family(make_case, family, span, st):
+    """Rows of Wan, CogVideoX and HunyuanVideo lie 4 video frames apart and share cells over 2 frames;
+    LTX-Video's rows lie 8 frames apart and do not; images have one frame."""
+    case = make_case(family)
+    accelerate_pipeline(case.pipe, "tome", ratio=0.5)
+    case.run(steps=2, guidance=False)
+    geo = installation(case.pipe).denoisers[0].tracker.last.geometry
+    assert geo.frame_span == span
+    assert ToMeConfig().frames_per_cell(geo.frames, geo.frame_span) == min(st, geo.frames)
+    assert diffaccel.ToDoConfig().frames_factor(geo.frames, geo.frame_span) == min(st, geo.frames)
+    assert ToMeConfig(st=3).frames_per_cell(geo.frames, geo.frame_span) == min(3, geo.frames)
+
+
 def test_per_token_timesteps_follow_the_tokens(make_case):
     """Wan 2.2 TI2V gives every token its own timestep; its modulation runs in the block around the
     sub-layers, on every token, so merged sub-layers see it per token and restore to it."""

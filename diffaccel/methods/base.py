@@ -22,6 +22,9 @@ from ..tokens import ImageSpan, TokenReduction, gather_positions, rope_seq_dim
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods act on
+# Video token rows that span more frames than this are too far apart in time to share a cell or a
+# pooling window by default
+MAX_FRAME_SPAN = 4
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -320,9 +323,11 @@ class CellReductionConfig(MethodConfig):
     def needs_block_input(self) -> bool:
         return self.metric == "block"
 
-    def frames_per_cell(self, frames: int) -> int:
-        """st: frames a cell spans (0 = auto: 2 on video grids, 1 on images), at most the frames."""
-        st = self.st or (2 if frames > 1 else 1)
+    def frames_per_cell(self, frames: int, span: int = 1) -> int:
+        """st: frames a cell spans, at most the frames. 0 = auto: 2 on video grids whose token rows are
+        close in time (span <= 4 video frames per row: Wan, CogVideoX, HunyuanVideo), else 1 (images,
+        and LTX-Video's 8-frame rows)."""
+        st = self.st or (2 if frames > 1 and span <= MAX_FRAME_SPAN else 1)
         return max(1, min(st, frames))
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
@@ -357,7 +362,7 @@ class CellReductionConfig(MethodConfig):
         if span is None:
             return
         n, (f, h, w) = span.n, span.grid
-        st = self.frames_per_cell(f)
+        st = self.frames_per_cell(f, ctx.geometry.frame_span)
         r = int(params["ratio"] * n)
         rope = call.get(*site.rope) if site.rope else None
         mask = call.get("attention_mask", 2)

@@ -22,7 +22,7 @@ from .base import CellReductionConfig, check_number, register
 class SiToConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens pruned (at most 1 - 1/(sx*sy)); noise: standard deviation
     of the Gaussian noise on the similarity score (varies the base tokens across steps).
-    st: frames a cell spans on video grids (0: 2 on video, 1 on images).
+    st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
     metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden").
     cost_model: skip calls where pruning costs more than it saves (diffaccel.cost); None: only at
     the default ratio and schedule."""

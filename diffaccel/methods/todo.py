@@ -22,6 +22,7 @@ from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import PooledAttention, pool_tokens
 from .base import (
+    MAX_FRAME_SPAN,
     MethodConfig,
     SiteCall,
     check_bool,
@@ -39,7 +40,7 @@ POOL_MODES = ("nearest", "avg", "max")
 @dataclass(frozen=True)
 class ToDoConfig(MethodConfig):
     """factor: key/value downsampling factor per side at the finest level (1 = off).
-    factor_t: downsampling factor over frames on video grids (0: 2 on video, 1 on images).
+    factor_t: downsampling factor over frames on video grids (0: by family, see frames_factor).
     level_factors: {level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}.
     start, end: the part of the run (fraction of steps) in which ToDo acts.
     cost_model: skip calls where pooling costs more than it saves (diffaccel.cost); None: only at
@@ -110,8 +111,10 @@ class ToDoConfig(MethodConfig):
     def is_identity(self, params: dict) -> bool:
         return params["factor"] <= 1.0
 
-    def frames_factor(self, frames: int) -> float:
-        return min(float(frames), self.factor_t or (2.0 if frames > 1 else 1.0))
+    def frames_factor(self, frames: int, span: int = 1) -> float:
+        """factor_t, at most the frames; 0 = auto as ToMe's st: 2 on video rows at most MAX_FRAME_SPAN
+        frames apart, else 1."""
+        return min(float(frames), self.factor_t or (2.0 if frames > 1 and span <= MAX_FRAME_SPAN else 1.0))
 
     def act(self, site: Site, ctx, params: dict, call: SiteCall) -> None:
         x = call.hidden
@@ -121,7 +124,7 @@ class ToDoConfig(MethodConfig):
         plain = kv_attention(site)
         if plain and (call.kwargs.get("encoder_hidden_states") is not None or call.get("attention_mask", 2) is not None):
             return  # a context or mask was given: not plain self-attention on this call
-        factor, ft = params["factor"], self.frames_factor(span.grid[0])
+        factor, ft = params["factor"], self.frames_factor(span.grid[0], ctx.geometry.frame_span)
         f, h, w = span.grid
         pooled = math.ceil(f / ft) * math.ceil(h / factor) * math.ceil(w / factor)
         if self.uses_cost_model():

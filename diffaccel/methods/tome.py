@@ -22,7 +22,7 @@ from .base import CellReductionConfig, check_bool, register
 @dataclass(frozen=True)
 class ToMeConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens merged away (at most 1 - 1/(sx*sy): one token per cell stays).
-    st: frames a cell spans on video grids (0: 2 on video, 1 on images).
+    st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
     max_downsample: how many resolution levels, from the finest, are merged.
     metric: similarity measured on the block's input ("block", as ToMeSD: one matching per block
     shared by its merged sub-layers) or on each sub-layer's own input ("hidden").
