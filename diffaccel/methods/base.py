@@ -368,16 +368,19 @@ class CellReductionConfig(MethodConfig):
         mask = call.get("attention_mask", 2)
         if self.uses_cost_model():
             cells = (f // st) * (h // self.sy) * (w // self.sx)
-            estimate = reduction_estimate(site.module, site.kind, x, n, n - min(r, n - cells),
-                                          x.shape[1] - n + span.text if x.shape[1] == n else x.shape[1] - n,
-                                          cells, prune=self.mode == "drop")
+            estimate = reduction_estimate(site.module, site.kind, x, n, n - min(r, n - cells), span.text, cells,
+                                          prune=self.mode == "drop")
             if not estimate.worth_it:
                 ctx.notes[site.name] = estimate.why()
                 return
         start = span.start(x.shape[1])
         img = x if n == x.shape[1] else x.narrow(1, start, n)
-        reduction = self.reduction_for(site, ctx, img, span.grid, st, r, one_row=rope is not None or mask is not None)
-        if rope is not None or mask is not None:  # positions and key masks follow the kept tokens
+        # dimensions of a mask over these tokens (keys, or queries and keys); a mask over other tokens
+        # (a cross-attention's text) stays as it is
+        mask_dims = [d for d in (mask.ndim - 1, mask.ndim - 2) if d >= 1 and mask.shape[d] > 1
+                     and span.start(mask.shape[d]) is not None] if mask is not None else []
+        reduction = self.reduction_for(site, ctx, img, span.grid, st, r, one_row=rope is not None or bool(mask_dims))
+        if rope is not None or mask_dims:  # positions and masks follow the kept tokens
             order = torch.cat([reduction.keep_idx[0], reduction.dst_idx[0]])
             if rope is not None:
                 rope = tuple(gather_positions(t, span, order, rope_seq_dim(t)) for t in rope)
@@ -385,11 +388,9 @@ class CellReductionConfig(MethodConfig):
                     ctx.notes[site.name] = "its rotary table does not cover these tokens, so it is skipped"
                     return
                 call.set(*site.rope, rope)
-            if mask is not None:  # a mask over these tokens (keys, or queries and keys); others stay
-                for dim in (mask.ndim - 1, mask.ndim - 2):
-                    if dim >= 1 and mask.shape[dim] > 1:
-                        mask = gather_positions(mask, span, order, dim) if span.start(mask.shape[dim]) is not None \
-                            else mask
+            for dim in mask_dims:
+                mask = gather_positions(mask, span, order, dim)
+            if mask_dims:
                 call.set("attention_mask", 2, mask)
         reduced = reduction.reduce(img, self.mode)
         call.hidden = reduced if n == x.shape[1] else span.replace(x, 1, lambda _: reduced)
