@@ -7,6 +7,7 @@ same inputs; speed-up and relative error are against the unaccelerated baseline 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
@@ -52,17 +53,35 @@ def _ours(model, spec, cfg: bool, num_steps: int | None = None):
     return lambda: remove_acceleration(model)
 
 
-def _timed(model, install, fn) -> tuple[object, float]:
-    """(fn(), seconds) with the configuration installed on `model` for the call only."""
+@contextlib.contextmanager
+def _installed(model, install):
+    """The configuration installed on `model` (an installer returns its remover; None: the baseline)."""
     remove = install(model) if install else None
     try:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            out = fn()
-            return out, time.perf_counter() - t0
+        yield
     finally:
         if remove:
             remove()
+
+
+def _timed(model, install, fn) -> tuple[object, float]:
+    """(fn(), seconds) with the configuration installed on `model` for the call only."""
+    with _installed(model, install), torch.no_grad():
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+
+def _only(settings: list, only: list[str] | None) -> list:
+    """The baseline and the settings whose label contains one of `only` (all of them without it)."""
+    return [s for s in settings if s[0] == "baseline" or not only or any(o in s[0] for o in only)]
+
+
+def _report(args: argparse.Namespace, **fields) -> dict:
+    """A report's header: the command that produced it, the architecture and the machine."""
+    return dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch, **fields,
+                device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+                platform=platform.platform(), date=time.strftime("%Y-%m-%d"))
 
 
 def _rounds(model, configs: list, calls: list, warmup: int, fn) -> tuple[dict, dict]:
@@ -112,8 +131,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             latents = torch.randn(rows, 4, lat, lat, generator=gen)
             inputs.append((torch.cat([latents, latents]) if args.cfg else latents,
                            torch.tensor([args.timestep + 97 * i]), torch.randn(args.batch, 77, cross, generator=gen)))
-        configs = [(label, install) for label, install in configurations(args.ratio, args.factor, args.cfg)
-                   if label == "baseline" or not args.only or any(o in label for o in args.only)]
+        configs = _only(configurations(args.ratio, args.factor, args.cfg), args.only)
         times, outs = _rounds(model, configs, inputs, args.warmup, lambda inp: model(*inp).sample)
         base_time = statistics.median(times["baseline"])
         for label, _ in configs:
@@ -123,10 +141,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                        runs=len(times[label]))
             results.append(row)
             print(f"{size:>5} {label:<32} {t:8.2f}s {row['speedup']:6.2f}x  rel.err {err:.4f}", flush=True)
-    return dict(
-        command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv),
-        arch=args.arch, cfg_pairs=args.cfg, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
-        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), results=results)
+    return _report(args, cfg_pairs=args.cfg, results=results)
 
 
 # -- caching methods: whole runs, FLOPs counted by torch.utils.flop_counter ---------------------
@@ -226,13 +241,9 @@ def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
         model, inputs = caching_arch(arch)
     flops = {}
     for label, spec in settings:
-        remove = _ours(model, spec, "pixart" in arch, steps) if spec else None
-        try:
-            with FlopCounterMode(display=False) as counter:
-                _run_steps(model, inputs, steps, "meta")
-        finally:
-            if remove:
-                remove()
+        install = (lambda m, spec=spec: _ours(m, spec, "pixart" in arch, steps)) if spec else None
+        with _installed(model, install), FlopCounterMode(display=False) as counter:
+            _run_steps(model, inputs, steps, "meta")
         flops[label] = counter.get_total_flops()
     return flops
 
@@ -244,10 +255,8 @@ def run_caching_bench(args: argparse.Namespace) -> dict:
     settings = [("baseline", None), *PAPER_SETTINGS[family],
                 # installed, but its policy idle at every step: the cost of being there
                 ("toca idle (warmup >= steps)", {"method": "toca", "warmup": 10_000})]
-    settings = [(k, v) for k, v in settings if k == "baseline" or not args.only or any(o in k for o in args.only)]
-    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch,
-                        device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
-                        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), flops={}, latency=[])
+    settings = _only(settings, args.only)
+    report = _report(args, flops={}, latency=[])
     for steps in args.flop_steps:
         flops = caching_flops(args.arch, steps, settings)
         report["flops"][steps] = {k: {"flops": v, "speedup": flops["baseline"] / v} for k, v in flops.items()}
@@ -322,8 +331,6 @@ def peer_settings(steps: int) -> list[tuple[str, object, bool]]:
 def _euler(model, inputs, steps: int, in_context: bool) -> torch.Tensor:
     """A flow-matching Euler run: each step feeds the model's velocity back into the latents, so
     consecutive calls see close inputs, as in a real sampler."""
-    import contextlib
-
     kwargs = inputs(1, 0, steps, "cpu")
     x = kwargs.pop("hidden_states")
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
@@ -346,21 +353,14 @@ def run_peer_bench(args: argparse.Namespace) -> dict:
     steps, size = args.steps, args.sizes[0]
     torch.manual_seed(0)
     model, inputs = caching_arch(args.arch, size)
-    settings = [r for r in peer_settings(steps) if r[0] == "baseline" or not args.only or any(o in r[0] for o in args.only)]
-    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch, size=size,
-                        steps=steps, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
-                        platform=platform.platform(), date=time.strftime("%Y-%m-%d"), results=[])
+    settings = _only(peer_settings(steps), args.only)
+    report = _report(args, size=size, steps=steps, results=[])
     base_out = base_time = base_flops = None
     for label, install, in_context in settings:
-        remove = install(model) if install else None
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                t0 = time.perf_counter()
-                out = _euler(model, inputs, steps, in_context)
-                elapsed = time.perf_counter() - t0
-        finally:
-            if remove:
-                remove()
+        with _installed(model, install), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            t0 = time.perf_counter()
+            out = _euler(model, inputs, steps, in_context)
+            elapsed = time.perf_counter() - t0
         flops = counter.get_total_flops()
         if base_out is None:
             base_out, base_time, base_flops = out, elapsed, flops
@@ -394,28 +394,20 @@ def run_token_bench(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     size = args.sizes[0]
     pairs = args.cfg  # PixArt calls as guidance pairs (both halves share one selection)
-    settings = [("baseline", None)] + [(k, v) for k, v in TOKEN_SETTINGS if not args.only or any(o in k for o in args.only)]
-    report: dict = dict(command="diffaccel " + " ".join(shlex.quote(a) for a in args.argv), arch=args.arch,
-                        size=size, batch=args.batch, cfg_pairs=pairs, device="cpu", threads=torch.get_num_threads(),
-                        torch=torch.__version__, platform=platform.platform(), date=time.strftime("%Y-%m-%d"),
-                        results=[])
+    settings = _only([("baseline", None), *TOKEN_SETTINGS], args.only)
+    report = _report(args, size=size, batch=args.batch, cfg_pairs=pairs, results=[])
+    configs = [(label, (lambda m, spec=spec: _ours(m, spec, pairs)) if spec else None) for label, spec in settings]
     with torch.device("meta"):
         meta_model, meta_inputs = caching_arch(args.arch, size)
     flops = {}
-    for label, spec in settings:
-        remove = _ours(meta_model, spec, pairs) if spec else None
-        try:
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                meta_model(**meta_inputs(args.batch, 0, 1, "meta", pairs))
-        finally:
-            if remove:
-                remove()
+    for label, install in configs:
+        with _installed(meta_model, install), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            meta_model(**meta_inputs(args.batch, 0, 1, "meta", pairs))
         flops[label] = counter.get_total_flops()
     del meta_model
     torch.manual_seed(0)
     model, inputs = caching_arch(args.arch, size)
     calls = [inputs(args.batch, 7 * i + 3, 20, "cpu", pairs) for i in range(args.repeats)]
-    configs = [(label, (lambda m, spec=spec: _ours(m, spec, pairs)) if spec else None) for label, spec in settings]
     times, outs = _rounds(model, configs, calls, args.warmup, lambda kwargs: model(**kwargs).sample)
     base = statistics.median(times["baseline"])
     for label, _ in settings:

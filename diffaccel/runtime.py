@@ -125,7 +125,7 @@ class Context:
     block_inputs: dict = field(repr=False, default_factory=dict)  # block path -> its hidden-state input
     shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
     state: dict = field(repr=False, default_factory=dict)  # per-run state of caching methods (per block)
-    notes: dict = field(repr=False, default_factory=dict)  # site name -> why a method let this run's call be
+    notes: dict = field(repr=False, default_factory=dict)  # site name -> why a method did not act (this run)
 
 
 class Tracker:
@@ -262,14 +262,13 @@ class SiteHook:
         self._restores: list | None = None
         self._store: tuple | None = None  # (cache key, signature, step, input) to store this call's output under
         self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
-        self.around: Any = None  # set for the forward wrapper: a context the call runs in
-        self._logged: tuple | None = None  # (log of the call, tokens) when `around` must confirm its work
+        self.around: Any = None  # set for the forward wrapper: a context the call runs in (`hits`: it acted)
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
 
     def pre_hook(self, module, args, kwargs):
-        self._restores, self._store, self.reuse_output, self.around, self._logged = None, None, None, None, None
+        self._restores, self._store, self.reuse_output, self.around = None, None, None, None
         ctx = self.tracker.ctx
         if ctx is None:
             return None
@@ -310,8 +309,7 @@ class SiteHook:
             method, params, entry = partial
             method.refresh(self.site, ctx, params, entry, call)
         ctx.log[self.site.name] = (n, call.hidden.shape[1], call.keys_values or n)
-        if call.around is not None:
-            self.around, self._logged = call.around, (ctx.log, n, call.hidden.shape[1])
+        self.around = call.around
         if not call.reduced and call.keys_values is None:
             return None
         self._restores = call.restores
@@ -320,11 +318,11 @@ class SiteHook:
     def post_hook(self, module, args, kwargs, output):
         restores, self._restores = self._restores, None
         around, self.around = self.around, None
-        if around is not None and not around.hits:  # the attention ran elsewhere than where it pools
-            log, n, computed = self._logged
-            log[self.site.name] = (n, computed, n)
-            self.tracker.notes[self.site.name] = ("its attention backend does not call "
-                                                  "scaled_dot_product_attention: keys/values not pooled")
+        ctx = self.tracker.ctx
+        if around is not None and not around.hits and ctx is not None:  # the attention ran elsewhere
+            n, computed, _ = ctx.log[self.site.name]
+            ctx.log[self.site.name] = (n, computed, n)
+            ctx.notes[self.site.name] = "its attention backend does not call scaled_dot_product_attention: keys/values not pooled"
         if self.reuse_output is not None:
             self.reuse_output = None
             return None

@@ -179,25 +179,18 @@ def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mod
     over frames) -> (B, F'*h'*w', C). Odd sizes keep their last row/column/frame."""
     b, n, c = x.shape
     size = (math.ceil(h / factor), math.ceil(w / factor))
-    if factor_t > 1 and frames > 1:
-        size3 = (math.ceil(frames / factor_t), *size)
-        grid = x.reshape(b, frames, h, w, c).permute(0, 4, 1, 2, 3)
-        ops = {"nearest": lambda g: F.interpolate(g, size=size3, mode="nearest-exact"),
-               "avg": lambda g: F.adaptive_avg_pool3d(g, size3), "max": lambda g: F.adaptive_max_pool3d(g, size3)}
-        if mode not in ops:
-            raise ValueError(f"pool mode must be one of {list(ops)}, got {mode!r}")
-        out = ops[mode](grid)
-        return out.permute(0, 2, 3, 4, 1).reshape(b, size3[0] * size[0] * size[1], c)
-    grid = x.reshape(b * frames, h, w, c).permute(0, 3, 1, 2)
-    if mode == "nearest":
-        out = F.interpolate(grid, size=size, mode="nearest-exact")
-    elif mode == "avg":
-        out = F.adaptive_avg_pool2d(grid, size)
-    elif mode == "max":
-        out = F.adaptive_max_pool2d(grid, size)
-    else:
-        raise ValueError(f"pool mode must be one of ['nearest', 'avg', 'max'], got {mode!r}")
-    return out.permute(0, 2, 3, 1).reshape(b, frames * size[0] * size[1], c)
+    if factor_t > 1 and frames > 1:  # one (frames, h, w) volume per row
+        size = (math.ceil(frames / factor_t), *size)
+        grid = x.reshape(b, frames, h, w, c).movedim(-1, 1)
+        avg, top = F.adaptive_avg_pool3d, F.adaptive_max_pool3d
+    else:  # each frame on its own
+        grid = x.reshape(b * frames, h, w, c).movedim(-1, 1)
+        avg, top = F.adaptive_avg_pool2d, F.adaptive_max_pool2d
+    ops = {"nearest": lambda g: F.interpolate(g, size=size, mode="nearest-exact"),
+           "avg": lambda g: avg(g, size), "max": lambda g: top(g, size)}
+    if mode not in ops:
+        raise ValueError(f"pool mode must be one of {list(ops)}, got {mode!r}")
+    return ops[mode](grid).movedim(1, -1).reshape(b, -1, c)
 
 
 # -- image tokens inside longer sequences ----------------------------------------------------------

@@ -27,8 +27,7 @@ class Adapter:
 
     blocks: (path of a ModuleList of blocks, {child name: (site kind, token layout[, rotary argument])})
     pairs, in execution order; the rotary argument is (keyword, position) of the (cos, sin) embeddings
-    the child's forward takes. token_methods: whether token merging/downsampling/pruning act on this
-    family.
+    the child's forward takes.
     """
 
     family: ClassVar[str] = ""
@@ -38,7 +37,6 @@ class Adapter:
     cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
     input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
     temporal_compression: ClassVar[int] = 1  # video frames per latent frame of the family's VAE
-    token_methods: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -60,20 +58,15 @@ class Adapter:
                 for child, (kind, layout, *rope) in children.items():
                     module = getattr(block, child, None)
                     if isinstance(module, torch.nn.Module):
-                        site = self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout)
-                        site.rope = rope[0] if rope else None
-                        sites.append(site)
+                        sites.append(self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout,
+                                                    rope=rope[0] if rope else None))
                 depth += 1
         return _number(sites)
 
     def make_site(self, name: str, kind: str, module: torch.nn.Module, block: str, depth: int, layout: str,
-                  downsample: int = 1) -> Site:
-        if not self.token_methods:
-            note = f"token methods not enabled for {self.family}"
-        else:
-            note = "text tokens only" if layout == "text" else ""
+                  downsample: int = 1, rope: tuple[str, int] | None = None) -> Site:
         return Site(name=name, kind=kind, module=module, block=block, depth=depth, downsample=downsample,
-                    layout=layout, note=note)
+                    layout=layout, note="text tokens only" if layout == "text" else "", rope=rope)
 
     def geometry(self, args: tuple, kwargs: dict) -> tuple[Geometry | None, int]:
         """(token geometry, batch size) of one denoiser call."""

@@ -328,3 +328,28 @@ def test_explicit_settings_bypass_the_cost_model():
     assert cfg.cost_model is False
     (cfg,) = resolve_methods({"method": "todo", "mode": "avg"}, {})  # not a strength: the model stays on
     assert cfg.cost_model is None and cfg.uses_cost_model()
+
+
+def test_todo_says_so_when_the_attention_does_not_reach_sdpa(make_case):
+    """A processor that computes attention by hand gives PooledAttention nothing to pool: the call runs
+    unpooled, the log shows every key, and describe() says why."""
+
+    class ByHand:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            b, s, _ = hidden_states.shape
+            q, k, v = (f(hidden_states).view(b, s, attn.heads, -1).transpose(1, 2)
+                       for f in (attn.to_q, attn.to_k, attn.to_v))
+            weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            return (weights @ v).transpose(1, 2).reshape(b, s, -1)
+
+    case = make_case("flux")
+    attn = case.pipe.transformer.single_transformer_blocks[0].attn
+    attn.set_processor(ByHand())
+    accelerate_pipeline(case.pipe, "todo", factor=2)
+    case.run(steps=1, guidance=False)
+    rows = {s["name"]: s for s in describe(case.pipe)["denoisers"][0]["sites"]}
+    by_hand, joint = rows["single_transformer_blocks.0.attn"], rows["transformer_blocks.0.attn"]
+    assert all(v["keys_values"] == v["tokens"] for v in by_hand["last_run"].values())
+    assert "does not call scaled_dot_product_attention" in by_hand["last_run_note"]
+    assert all(v["keys_values"] < v["tokens"] for v in joint["last_run"].values()) and not joint["last_run_note"]

@@ -128,8 +128,7 @@ class ToDoConfig(MethodConfig):
         f, h, w = span.grid
         pooled = math.ceil(f / ft) * math.ceil(h / factor) * math.ceil(w / factor)
         if self.uses_cost_model():
-            text = x.shape[1] - span.n if x.shape[1] != span.n else span.text
-            estimate = pooling_estimate(site.module, x, span.n, pooled, text, before_projection=plain)
+            estimate = pooling_estimate(site.module, x, span.n, pooled, span.text, before_projection=plain)
             if not estimate.worth_it:
                 ctx.notes[site.name] = estimate.why()
                 return
