@@ -146,7 +146,9 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 # -- caching methods: whole runs, FLOPs counted by torch.utils.flop_counter ---------------------
 
-CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "tiny-pixart", "tiny-flux")
+CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "flux-dev", "tiny-pixart", "tiny-flux")
+FLOPS_ONLY = {"flux-dev": "FLUX.1-dev at full depth has 12B parameters; count its FLOPs (--steps 0, on the meta "
+                          "device) and time flux-2x4"}
 # The papers' settings per architecture (ToCa: PixArt-alpha N=3 R=0.3; Flux N=4 R=0.1, first 3 steps
 # full; DuCa: PixArt N=3 R=0.75; FORA: N=3).
 PAPER_SETTINGS = {
@@ -201,14 +203,16 @@ def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, o
     from diffusers import FluxTransformer2DModel
 
     # FLUX.1 at full width (24 heads x 128, T5 width 4096) with 2 double-stream and 4 single-stream
-    # blocks; 512 px: 32 x 32 packed latent tokens and 512 text tokens, guidance-distilled (one call per step)
-    big = name == "flux-2x4"  # "tiny-flux": the same layout at test size
+    # blocks; 512 px: 32 x 32 packed latent tokens and 512 text tokens, guidance-distilled (one call per step).
+    # "flux-dev": FLUX.1-dev's own depth (19 + 38 blocks) at its 1024 px, for FLOP counts on the meta device.
+    big = name != "tiny-flux"  # "tiny-flux": the 2 + 4 layout at test size
     heads, head_dim, text, width, pooled, rope = (24, 128, 512, 4096, 768, (16, 56, 56)) if big else (
         2, 16, 8, 32, 16, (4, 6, 6))
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+    double, single = (19, 38) if name == "flux-dev" else (2, 4)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
                                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
                                    pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=rope)
-    side = (size or 512) // 16
+    side = (size or (1024 if name == "flux-dev" else 512)) // 16
 
     def inputs(batch, step, num_steps, device, pairs=False):
         gen = torch.Generator().manual_seed(step)
@@ -422,6 +426,8 @@ def run_token_bench(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.arch in FLOPS_ONLY and (args.steps or args.peers or args.tokens):
+        raise SystemExit(f"diffaccel bench: --arch {args.arch} is for FLOP counts only: {FLOPS_ONLY[args.arch]}")
     if args.arch in CACHE_ARCHS and args.peers:
         report = run_peer_bench(args)
     elif args.arch in CACHE_ARCHS and args.tokens:
@@ -439,7 +445,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up and error of the methods and peers on a full-size architecture")
     p.add_argument("--arch", choices=ARCHS + CACHE_ARCHS, default="sd15",
                    help="sd15: per-call token methods and peers; pixart-alpha, flux-2x4: whole runs of the caching "
-                        "methods at the papers' settings, FLOPs (meta device) and latency")
+                        "methods at the papers' settings, FLOPs (meta device) and latency; flux-dev: FLUX.1-dev's "
+                        "full depth at 1024 px, FLOPs only (--steps 0)")
     p.add_argument("--tokens", action="store_true",
                    help="pixart-alpha, flux-2x4: one denoiser call per configuration at --sizes[0] px with the "
                         "token methods (tome, todo, sito) at their defaults and two stronger settings")

@@ -83,6 +83,18 @@ def test_caching_bench_counts_flops_on_meta_and_times_whole_runs(tmp_path):
     assert rows["toca idle (warmup >= steps)"]["rel_error_last_step"] == 0
 
 
+def test_full_depth_flux_is_for_flop_counts_only():
+    from diffaccel.bench import caching_arch
+
+    with torch.device("meta"):
+        model, inputs = caching_arch("flux-dev")
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
+    assert inputs(1, 0, 50, "meta")["hidden_states"].shape == (1, 64 * 64, 64)  # 1024 px
+    for extra in (["--steps", "5"], ["--steps", "0", "--peers"], ["--steps", "0", "--tokens"]):
+        with pytest.raises(SystemExit, match="FLOP counts only"):
+            main(["bench", "--arch", "flux-dev", *extra])
+
+
 def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path):
     out = tmp_path / "t.json"
     assert main(["bench", "--arch", "tiny-pixart", "--tokens", "--sizes", "128", "--repeats", "1", "--warmup", "0",
