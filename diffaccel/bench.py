@@ -112,8 +112,6 @@ def configurations(ratio: float, factor: float, cfg: bool = False) -> list[tuple
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.cfg and args.batch % 2:
         raise SystemExit("--cfg needs an even --batch (guidance pairs)")
     model = build_arch(args.arch)
@@ -253,8 +251,6 @@ def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
 
 
 def run_caching_bench(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     family = "flux" if "flux" in args.arch else "pixart"
     settings = [("baseline", None), *PAPER_SETTINGS[family],
                 # installed, but its policy idle at every step: the cost of being there
@@ -352,8 +348,6 @@ def run_peer_bench(args: argparse.Namespace) -> dict:
     cache-dit and diffusers' caches, FLOPs counted on the real run, latency, error of the result."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     steps, size = args.steps, args.sizes[0]
     torch.manual_seed(0)
     model, inputs = caching_arch(args.arch, size)
@@ -394,8 +388,6 @@ def run_token_bench(args: argparse.Namespace) -> dict:
     of the token methods against the baseline, with the relative error of the output."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     size = args.sizes[0]
     pairs = args.cfg  # PixArt calls as guidance pairs (both halves share one selection)
     settings = _only([("baseline", None), *TOKEN_SETTINGS], args.only)
@@ -428,6 +420,8 @@ def run_token_bench(args: argparse.Namespace) -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.arch in FLOPS_ONLY and (args.steps or args.peers or args.tokens):
         raise SystemExit(f"diffaccel bench: --arch {args.arch} is for FLOP counts only: {FLOPS_ONLY[args.arch]}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.arch in CACHE_ARCHS and args.peers:
         report = run_peer_bench(args)
     elif args.arch in CACHE_ARCHS and args.tokens:

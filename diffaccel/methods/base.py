@@ -27,6 +27,13 @@ SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods 
 MAX_FRAME_SPAN = 4
 
 
+def default_frames(frames: int, span: int = 1) -> int:
+    """Frames a cell or pooling window spans when the user leaves it to us (st=0, factor_t=0): 2 on
+    video grids whose token rows are close in time (span <= MAX_FRAME_SPAN video frames per row: Wan,
+    CogVideoX, HunyuanVideo), else 1 (images, and LTX-Video's 8-frame rows)."""
+    return 2 if frames > 1 and span <= MAX_FRAME_SPAN else 1
+
+
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     _REGISTRY[cls.name] = cls
     return cls
@@ -324,11 +331,8 @@ class CellReductionConfig(MethodConfig):
         return self.metric == "block"
 
     def frames_per_cell(self, frames: int, span: int = 1) -> int:
-        """st: frames a cell spans, at most the frames. 0 = auto: 2 on video grids whose token rows are
-        close in time (span <= 4 video frames per row: Wan, CogVideoX, HunyuanVideo), else 1 (images,
-        and LTX-Video's 8-frame rows)."""
-        st = self.st or (2 if frames > 1 and span <= MAX_FRAME_SPAN else 1)
-        return max(1, min(st, frames))
+        """st: frames a cell spans, at most the frames; 0 = `default_frames`."""
+        return max(1, min(self.st or default_frames(frames, span), frames))
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:

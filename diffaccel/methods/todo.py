@@ -22,12 +22,12 @@ from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import PooledAttention, pool_tokens
 from .base import (
-    MAX_FRAME_SPAN,
     MethodConfig,
     SiteCall,
     check_bool,
     check_choice,
     check_number,
+    default_frames,
     image_span,
     kv_attention,
     register,
@@ -112,9 +112,8 @@ class ToDoConfig(MethodConfig):
         return params["factor"] <= 1.0
 
     def frames_factor(self, frames: int, span: int = 1) -> float:
-        """factor_t, at most the frames; 0 = auto as ToMe's st: 2 on video rows at most MAX_FRAME_SPAN
-        frames apart, else 1."""
-        return min(float(frames), self.factor_t or (2.0 if frames > 1 and span <= MAX_FRAME_SPAN else 1.0))
+        """factor_t, at most the frames; 0 = `default_frames`, as ToMe's st."""
+        return min(float(frames), float(self.factor_t or default_frames(frames, span)))
 
     def act(self, site: Site, ctx, params: dict, call: SiteCall) -> None:
         x = call.hidden
