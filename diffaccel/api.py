@@ -18,7 +18,7 @@ from diffaccel.pipelines import (
 )
 
 from .methods.base import MethodConfig, available_methods, method_class
-from .runtime import BlockInputHook, RunClock, SiteHook, SkippableForward, Tracker
+from .runtime import BlockInputHook, BlockReuseHook, RunClock, SiteHook, SkippableForward, Tracker
 from .sites import Site
 
 STATE_ATTR = "_diffaccel"
@@ -33,6 +33,7 @@ class DenoiserState:
     placements: dict[int, list[MethodConfig]]  # site index -> methods acting there
     tracker: Tracker | None = None
     hooks: list[SiteHook] = field(default_factory=list)
+    block_hooks: list[BlockReuseHook] = field(default_factory=list)  # blocks a caching method may skip whole
     handles: list = field(default_factory=list)
 
 
@@ -204,12 +205,33 @@ def _install(st: DenoiserState, inst: Installation) -> None:
             st.handles.append(SkippableForward(site.module, hook))
         if any(m.needs_block_input() for m in methods):
             blocks.add(site.block)
+    _install_block_reuse(st)
     for name in sorted(blocks):
         block_hook = BlockInputHook(name, st.tracker)
         block = st.model.get_submodule(name)
         st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
         st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
     setattr(st.model, STATE_ATTR, inst)
+
+
+def _install_block_reuse(st: DenoiserState) -> None:
+    """Blocks whose every site hosts a caching method that may skip whole blocks get a
+    BlockReuseHook (sites a policy leaves out keep the block running: they are computed as usual)."""
+    by_block: dict[str, list] = {}
+    for site in st.sites:
+        by_block.setdefault(site.block, []).append(site)
+    hooks = {hook.site.index: hook for hook in st.hooks}
+    for name, sites in by_block.items():
+        hosted = [hooks.get(site.index) for site in sites]
+        if not all(h is not None and h.caching is not None and h.methods[h.caching].reuses_blocks()
+                   for h in hosted):
+            continue
+        block_hook = BlockReuseHook(name, st.tracker, hosted)
+        st.block_hooks.append(block_hook)
+        block = st.model.get_submodule(name)
+        st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
+        st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
+        st.handles.append(SkippableForward(block, block_hook))
 
 
 def _uninstall(inst: Installation) -> None:
@@ -220,6 +242,7 @@ def _uninstall(inst: Installation) -> None:
         if st.tracker is not None:
             st.tracker.release()
         st.hooks.clear()
+        st.block_hooks.clear()
         st.model.__dict__.pop(STATE_ATTR, None)
     inst.clock.detach()
     if inst.pipe is not None:

@@ -82,6 +82,7 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
                 entries=len(tracker.cache), bytes=tracker.cache_bytes(), peak_bytes=tracker.cache_peak_bytes)
         out["denoisers"].append(dict(
             attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
+            whole_blocks=[h.name for h in st.block_hooks] if st else [],
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,
                                                      batch=last.batch, geometry=None if last.geometry is None
                                                      else vars(last.geometry).copy()),
@@ -100,6 +101,9 @@ def render_table(d: dict) -> str:
             c = den["cache"]
             lines.append(f"cache: {c['entries']} outputs held, {c['bytes'] / 2**20:.1f} MiB now; "
                          f"peak {c['peak_bytes'] / 2**20:.1f} MiB in the last run (released when a run ends)")
+        if den.get("whole_blocks"):
+            lines.append(f"whole-block reuse: {len(den['whole_blocks'])} blocks hand back their stored output on "
+                         "aggressive steps without running")
         header = ["site", "kind", "depth", "level", "grid"] + names + ["last run (tokens -> computed)"]
         table = []
         for row in den["sites"]:

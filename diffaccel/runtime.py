@@ -267,15 +267,20 @@ class SiteHook:
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
 
+    def update_params(self, ctx: Context) -> list[dict | None]:
+        """Each method's parameters at this call's step (evaluated once per step)."""
+        key = (ctx.run, ctx.step, ctx.num_steps)
+        if key != self._cache_key:
+            self._cache_key, self._params = key, self.params_at(ctx.step, ctx.num_steps)
+            self._idle = all(p is None for p in self._params)
+        return self._params
+
     def pre_hook(self, module, args, kwargs):
         self._restores, self._store, self.reuse_output, self.around = None, None, None, None
         ctx = self.tracker.ctx
         if ctx is None:
             return None
-        key = (ctx.run, ctx.step, ctx.num_steps)
-        if key != self._cache_key:
-            self._cache_key, self._params = key, self.params_at(ctx.step, ctx.num_steps)
-            self._idle = all(p is None for p in self._params)
+        self.update_params(ctx)
         if self._idle:
             return None
         call = SiteCall(args, kwargs)
@@ -339,6 +344,65 @@ class SiteHook:
                 method.init_entry(self.site, ctx, self._params[self.caching], entry, hidden)
             self.tracker.store(key, entry)
         return output if restores else None
+
+
+class BlockReuseHook:
+    """Forward pre/post hooks on a block whose every site hosts a caching method that may skip whole
+    blocks (DuCa's aggressive steps): the block's output is stored whenever it runs, and on a step
+    where every site's method says the block may be skipped, the block returns that stored output
+    without running (its modulation, norms and residual additions included)."""
+
+    def __init__(self, name: str, tracker: Tracker, site_hooks: list[SiteHook]):
+        self.name = name
+        self.tracker = tracker
+        self.site_hooks = site_hooks
+        self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
+        self.around: Any = None  # (SkippableForward's interface: blocks run in no context)
+        self._store: tuple | None = None
+
+    def pre_hook(self, module, args, kwargs):
+        self.reuse_output, self._store = None, None
+        ctx = self.tracker.ctx
+        if ctx is None:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        plans = []
+        for hook in self.site_hooks:
+            params = hook.update_params(ctx)[hook.caching]
+            if params is None:
+                return None  # the method rests at this step: the sub-layers decide for themselves
+            plans.append((hook, params))
+        key = (ctx.branch, self.name)
+        signature = (ctx.batch, ctx.geometry, tuple(hidden.shape))
+        self._store = (key, signature)
+        stored = self.tracker.cache.get(key)
+        if stored is None or stored.signature != signature:
+            return None
+        entries = []
+        for hook, params in plans:
+            entry = self.tracker.cache.get((ctx.branch, hook.site.index))
+            if entry is None or entry.signature[:2] != signature[:2] or \
+                    not hook.methods[hook.caching].skips_block(ctx, params, entry):
+                return None
+            entries.append(entry)
+        self._store = None
+        self.reuse_output = stored.output
+        for hook, entry in zip(self.site_hooks, entries):
+            ctx.log[hook.site.name] = (entry.signature[2][1], 0, 0)
+        return None
+
+    def post_hook(self, module, args, kwargs, output):
+        if self.reuse_output is not None:
+            self.reuse_output = None
+            return None
+        store, self._store = self._store, None
+        ctx = self.tracker.ctx
+        if store is not None and ctx is not None:
+            key, signature = store
+            self.tracker.store(key, CacheEntry(output, ctx.step, signature))
+        return None
 
 
 _MISSING = object()

@@ -100,11 +100,16 @@ def test_toca_feed_forward_fresh_rows_equal_the_full_computation(make_case):
             assert torch.equal(out[~fresh], prev[~fresh])
 
 
-def test_duca_cycle_full_conservative_aggressive(make_case):
+@pytest.mark.parametrize("aggressive", ["blocks", "sublayers"])
+def test_duca_cycle_full_conservative_aggressive(make_case, aggressive):
     case = make_case("pixart")
     accelerate_pipeline(case.pipe, "duca", interval=4, fresh_ratio=0.25, kind_weights=ALL_KINDS, step_weight=0.0,
-                        depth_weight=0.0)
+                        depth_weight=0.0, aggressive=aggressive)
     rec, handles = capture(case.pipe)
+    blocks, norms = {}, []
+    for i, block in enumerate(case.pipe.transformer.transformer_blocks):
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: blocks.setdefault(i, []).append(o.clone())))
+        handles.append(block.norm1.register_forward_hook(lambda m, a, o, i=i: norms.append(i)))
     case.run(steps=5)
     for h in handles:
         h.remove()
@@ -115,7 +120,44 @@ def test_duca_cycle_full_conservative_aggressive(make_case):
         # full, conservative, aggressive, conservative, full
         assert [log[name][s][1] for s in range(5)] == [n, k, 0, k, n], name
         assert r["ran"] == [n, k, k, n], name  # nothing ran at the aggressive step
-        assert torch.equal(r["outputs"][2], r["outputs"][1])
+        if aggressive == "sublayers":  # the sub-layer was called and handed back its stored output
+            assert torch.equal(r["outputs"][2], r["outputs"][1])
+        else:  # the sub-layer was not even called
+            assert len(r["outputs"]) == 4
+    for i, outs in blocks.items():
+        assert len(outs) == 5
+        if aggressive == "blocks":  # the whole block handed back its output of the step before
+            assert torch.equal(outs[2], outs[1]), i
+        else:  # the block ran: its residual stream moved with the new input
+            assert not torch.equal(outs[2], outs[1]), i
+    # the blocks' own modulation/norms ran at 4 of 5 steps with whole-block reuse, at every step otherwise
+    depth = len(blocks)
+    assert len(norms) == depth * (4 if aggressive == "blocks" else 5)
+    d = describe(case.pipe)
+    assert d["methods"][0]["aggressive"] == aggressive
+    whole = d["denoisers"][0]["whole_blocks"]
+    assert len(whole) == (depth if aggressive == "blocks" else 0)
+    assert (f"whole-block reuse: {depth} blocks" in str(d)) == (aggressive == "blocks")
+    remove_acceleration(case.pipe)
+
+
+def test_duca_block_reuse_needs_every_sub_layer_of_the_block(make_case):
+    """A policy that leaves a sub-layer of a block out keeps the block running on aggressive steps
+    (the left-out sub-layer is computed as usual); the others reuse their outputs one by one."""
+    case = make_case("pixart")
+    policy = {"rules": [{"select": {"kind": "ff"}, "params": {"interval": 4, "fresh_ratio": 0.25}}]}
+    accelerate_pipeline(case.pipe, "duca", policy=policy)
+    rec, handles = capture(case.pipe, kinds=("ff",))
+    attn_calls = []
+    block = case.pipe.transformer.transformer_blocks[0]
+    handles.append(block.attn1.register_forward_hook(lambda m, a, k, o: attn_calls.append(1), with_kwargs=True))
+    case.run(steps=3)
+    for h in handles:
+        h.remove()
+    assert len(attn_calls) == 3  # the self-attention ran at every step, the aggressive one included
+    for r in rec.values():
+        assert len(r["outputs"]) == 3 and torch.equal(r["outputs"][2], r["outputs"][1])
+    remove_acceleration(case.pipe)
 
 
 @pytest.mark.parametrize("score", ["change", "vnorm", "random", "attention"])

@@ -209,6 +209,15 @@ class MethodConfig:
         """Caching methods: whether this call returns the cached output instead of running."""
         return False
 
+    def reuses_blocks(self) -> bool:
+        """Caching methods: whether some steps skip whole blocks (see `skips_block`)."""
+        return False
+
+    def skips_block(self, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+        """Caching methods that reuse blocks: whether, at this call, the block holding this site may
+        return its stored output without running (asked of every site of the block)."""
+        return False
+
     def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
         """Caching methods, given a cache entry that fits this call: "reuse" (return the entry's
         output, the sub-layer does not run), "partial" (`refresh` rewrites the call to the tokens to

@@ -2,37 +2,62 @@
 
 Within each `interval`-step cycle: a full step that computes and stores every sub-layer's output,
 then alternately a conservative step (ToCa: a fresh fraction of tokens recomputed and written into
-the cache) and an aggressive step (every sub-layer of the block stack returns its cached output and
-does not run). Aggressive steps reuse the cached outputs sub-layer by sub-layer, so the blocks' own
-modulation and residual additions still run with that step's timestep; they cost a few element-wise
-operations per block. Fresh tokens are chosen without attention maps by default ("vnorm": small
-value norms first, or "random"), so SDPA, Flash and xformers attention keep working. Token choice,
-schedules and CFG handling are ToCa's (see `toca`).
+the cache) and an aggressive step that reuses the cached output of the whole block stack.
+
+`aggressive` says at which grain an aggressive step reuses:
+    "blocks"     (default, as the paper) every block returns the output it gave at the last step it
+                 ran, without running: no modulation, norm or residual addition either, so the stack
+                 hands on its cached output. On U-Nets the transformer blocks are skipped this way;
+                 the resnets between them still run.
+    "sublayers"  every sub-layer returns its cached output; the blocks' own modulation and residual
+                 additions still run with that step's timestep (a few element-wise operations per
+                 block).
+A block some of whose sub-layers a policy leaves out is never skipped whole: its other sub-layers
+reuse their outputs as with "sublayers". Fresh tokens are chosen without attention maps by default
+("vnorm": small value norms first, or "random"), so SDPA, Flash and xformers attention keep working.
+Token choice, schedules and CFG handling are ToCa's (see `toca`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .base import register
+from .base import CacheEntry, check_choice, register
 from .toca import ToCaConfig, TokenwiseCache
+
+AGGRESSIVE = ("blocks", "sublayers")
 
 
 @register
 @dataclass(frozen=True)
 class DuCaConfig(ToCaConfig):
     """Fields as ToCaConfig. interval: steps per cycle (1: the baseline). fresh_ratio: base fraction
-    of tokens recomputed on conservative steps (default 0.75). score: default "vnorm"."""
+    of tokens recomputed on conservative steps (default 0.75). score: default "vnorm".
+    aggressive: what an aggressive step reuses, "blocks" (whole blocks) or "sublayers"."""
 
     fresh_ratio: float = 0.75
     score: str = "vnorm"
+    aggressive: str = "blocks"
 
     name = "duca"
 
-    __hash__ = TokenwiseCache.__hash__
+    def __hash__(self):
+        return hash((TokenwiseCache.__hash__(self), self.aggressive))
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(type(self).__name__, "aggressive", self.aggressive, AGGRESSIVE)
 
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1  # aggressive steps reuse whatever the fresh ratio
+
+    def reuses_blocks(self) -> bool:
+        return self.aggressive == "blocks"
+
+    def skips_block(self, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+        offset = ctx.step - entry.step  # 0: another call of the step that stored the entry
+        return 0 <= offset < round(params["interval"]) and offset % 2 == 0
 
     def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:
         if offset % 2 == 0:
