@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
+    import itertools
     from pathlib import Path
 
     from .reference import data, load_reference_pipeline
@@ -95,8 +96,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
         report[kind] = row
         if args.grid:
             Path(args.grid).mkdir(parents=True, exist_ok=True)
-            scenes = data.evaluation_scenes(8, seed=2)[:4] + [
-                s for s in data.scenes(3, held_out=True) if len(s.shapes) > 1][:4]
+            several = (s for s in data.scenes(3, held_out=True) if len(s.shapes) > 1)  # an endless stream
+            scenes = data.evaluation_scenes(8, seed=2)[:4] + list(itertools.islice(several, 4))
             sample_grid(trained, scenes, steps=args.steps).save(Path(args.grid) / f"samples_{kind}.png")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -108,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="accelerate the embedded default pipeline, print speed-up and fidelity")
-    run.add_argument("--methods", nargs="+", default=["tome", "todo", "sito", "fora"],
+    run.add_argument("--methods", nargs="+", default=["tome", "todo", "sito", "fora", "toca", "duca"],
                      help="methods to compare, e.g. tome tome:ratio=0.6 todo:factor=3")
-    run.add_argument("--model", choices=list(MODELS), default="random-sd",
-                     help="; ".join(f"{k}: {v}" for k, v in MODELS.items()) + " (default: random-sd)")
+    run.add_argument("--model", choices=list(MODELS), default="dit",
+                     help="; ".join(f"{k}: {v}" for k, v in MODELS.items()) + " (default: dit, the reference "
+                     "model that follows its captions)")
     run.add_argument("--weights", default=None, help="unet/dit: a folder written by `python -m "
                                                      "diffaccel.reference.train` (default: the packaged weights)")
     run.add_argument("--prompt", default=DEFAULT_PROMPT, help="default: a caption held out of training")

@@ -37,7 +37,8 @@ def test_from_pretrained_safetensors_round_trip(source, tmp_path, request):
 
 
 def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
-    assert main(["run", "--size", "128", "--steps", "2", "--methods", "tome", "todo:factor=2,mode=avg"]) == 0
+    assert main(["run", "--model", "random-sd", "--size", "128", "--steps", "2", "--methods", "tome",
+                 "todo:factor=2,mode=avg"]) == 0
     out = capsys.readouterr().out
     assert "random weights" in out and "128x128" in out
     assert "speed-up" in out and "PSNR" in out
@@ -45,6 +46,11 @@ def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
     assert main(["run", "--model", "dit", "--weights", str(smoke_weights), "--steps", "3", "--methods", "fora"]) == 0
     out = capsys.readouterr().out
     assert "reference PixArt-style DiT" in out and "256x256" in out and "fora" in out
+    # the default: the packaged reference DiT, every caching method beside the token methods
+    assert main(["run", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "reference PixArt-style DiT" in out and "256x256" in out
+    assert all(f"\n{m} " in out for m in ("tome", "todo", "sito", "fora", "toca", "duca"))
 
 
 def test_method_arg_parsing():
@@ -123,3 +129,16 @@ def test_readme_support_table_matches_the_code():
     text = (ROOT / "README.md").read_text()
     table = text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip()
     assert table == support_table()
+
+
+def test_reference_command_writes_grid_and_figures(smoke_weights, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "eval.json"
+    assert main(["reference", "--kinds", "dit", "--n", "2", "--steps", "2", "--path", str(smoke_weights),
+                 "--grid", str(tmp_path / "grid"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["dit"]) == {"trained", "random"} and "unet" not in report
+    assert 0 <= report["dit"]["trained"]["caption_following"] <= 1
+    grid = Image.open(tmp_path / "grid" / "samples_dit.png")
+    assert grid.width > 4 * 2 * 256 and grid.height > 2 * 256  # 4 columns x 2 rows of (truth, image) pairs

@@ -28,9 +28,9 @@ def make_tokenizer():
 
 
 def make_text_encoder(vocab_size: int):
-    """A small CLIP text transformer. It is frozen at its seeded initialisation: its outputs keep each
-    word and its place apart, and the denoisers learn to read them. 128 positions, so PixArt's default
-    padding to 120 tokens fits."""
+    """A small CLIP text transformer (causal, as CLIP's). The training script pretrains it to make the
+    scene a caption describes readable by cross-attention, then freezes it for the denoisers, as SD
+    freezes a pretrained CLIP. 128 positions, so PixArt's default padding to 120 tokens fits."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(
