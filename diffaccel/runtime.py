@@ -226,6 +226,11 @@ def _entry_bytes(entry: CacheEntry) -> int:
     return _nbytes(entry.output) + _nbytes(list(entry.extra.values()))
 
 
+def _hidden_states(args: tuple, kwargs: dict) -> Any:
+    """A block's hidden-state input, passed by position or by keyword."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 class BlockInputHook:
     """Records a block's hidden-state input for the methods that measure similarity on it."""
 
@@ -235,7 +240,7 @@ class BlockInputHook:
 
     def pre_hook(self, module, args, kwargs):
         if self.tracker.ctx is not None:
-            self.tracker.block_inputs[self.name] = args[0] if args else kwargs.get("hidden_states")
+            self.tracker.block_inputs[self.name] = _hidden_states(args, kwargs)
 
     def post_hook(self, module, args, kwargs, output):
         self.tracker.block_inputs.pop(self.name, None)
@@ -365,7 +370,7 @@ class BlockReuseHook:
         ctx = self.tracker.ctx
         if ctx is None:
             return None
-        hidden = args[0] if args else kwargs.get("hidden_states")
+        hidden = _hidden_states(args, kwargs)
         if not isinstance(hidden, torch.Tensor):
             return None
         plans = []

@@ -56,8 +56,8 @@ class DuCaConfig(ToCaConfig):
         return self.aggressive == "blocks"
 
     def skips_block(self, ctx: Any, params: dict, entry: CacheEntry) -> bool:
-        offset = ctx.step - entry.step  # 0: another call of the step that stored the entry
-        return 0 <= offset < round(params["interval"]) and offset % 2 == 0
+        offset = self.cycle_offset(ctx, params, entry)
+        return offset is not None and offset % 2 == 0  # the aggressive steps of `cached_plan` (and 0)
 
     def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:
         if offset % 2 == 0:

@@ -129,9 +129,15 @@ class TokenwiseCache(MethodConfig):
             ratio *= 1 + self.depth_weight - 2 * self.depth_weight * site.depth / (site.blocks - 1)
         return min(n, max(0, round(ratio * n)))
 
-    def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
+    def cycle_offset(self, ctx: Any, params: dict, entry: CacheEntry) -> int | None:
+        """Steps since the entry's cycle began (0: another call of that step), or None when this call
+        starts a new cycle."""
         offset = ctx.step - entry.step
-        if offset < 0 or offset >= round(params["interval"]):
+        return offset if 0 <= offset < round(params["interval"]) else None
+
+    def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
+        offset = self.cycle_offset(ctx, params, entry)
+        if offset is None:
             return "compute"
         if offset == 0:  # another call of the same step and branch (e.g. a second expert): same output
             return "reuse"
