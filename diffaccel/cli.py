@@ -69,6 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\n{'method':<28}{'time/s':>9}{'speed-up':>10}{'PSNR/dB':>10}{'rel.err':>9}")
     for name, t, sp, p, e in rows:
         print(f"{name:<28}{t:>9.2f}{sp:>9.2f}x{p:>10.1f}{e:>9.4f}")
+    untouched = [name for name, *_, e in rows[1:] if e == 0.0]
+    if untouched:
+        print(f"\n{', '.join(untouched)}: output identical to the baseline. At their default strength the cost"
+              " model found no site where they pay at this size (too few tokens for their own work);"
+              " --describe says why per site, and an explicit strength (e.g. sito:ratio=0.5) acts anyway.")
     print("\n(CPU timings are noisy: compare the ratios of one run, not absolute times)")
     return 0
 

@@ -7,10 +7,15 @@ model estimates both sides as time on the device:
 
     time = flops / FLOPS + bytes moved / BANDWIDTH + launches * LAUNCH
 
-with the device constants below (orders of magnitude, not measurements of one machine):
+with the device constants below. The CPU row is measured on the project's 2-core machine (a profile
+of the reference DiT, 256 tokens of width 128, batch 2): its matmuls run at about 6e10 flop/s, its
+gathers and scatters move about 5 GB/s, and each extra op of a reduced call costs about 45 us with
+the hook's own Python work; SiTo's 26 extra ops cost 1.6 ms a site there, where the constants before
+(1e11, 2e10, 5 us) estimated 0.26 ms and let SiTo and ToMe slow that model down by 7-19%. The CUDA
+row is orders of magnitude, not a measurement:
 
     device  FLOPS          BANDWIDTH     LAUNCH
-    cpu     1e11 flop/s    2e10 B/s      5 us
+    cpu     6e10 flop/s    5e9 B/s       45 us
     cuda    2e14 flop/s    2e12 B/s      8 us
 
 Flops are counted from the sub-layer's own Linear weights (2 flops per multiply-add per token) plus,
@@ -37,7 +42,7 @@ class DeviceCost:
         return flops / self.flops + nbytes / self.bandwidth + launches * self.launch
 
 
-DEVICES = {"cpu": DeviceCost(1e11, 2e10, 5e-6), "cuda": DeviceCost(2e14, 2e12, 8e-6)}
+DEVICES = {"cpu": DeviceCost(6e10, 5e9, 45e-6), "cuda": DeviceCost(2e14, 2e12, 8e-6)}
 
 # Extra kernel launches of one reduced call, per method (reduce + restore, or pool).
 LAUNCHES = {"merge": 24, "prune": 26, "pool": 8}

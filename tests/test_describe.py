@@ -43,16 +43,16 @@ def test_describe_before_and_after_a_run(make_case):
 
 
 def test_describe_reports_why_sites_are_skipped(make_case):
-    """At its default factor ToDo asks the cost model: on 256 image tokens pooling pays off, on 16 it
+    """At its default factor ToDo asks the cost model: on 1024 image tokens pooling pays off, on 4 it
     does not and describe says so per site; text-only sites say why they are never touched."""
     case = make_case("flux")
     accelerate_pipeline(case.pipe, ["todo", ToMeConfig(merge_attn=False, merge_mlp=True)])
-    case.run(steps=2, guidance=True)
+    case.run(steps=2, guidance=True, size=512)
     d = describe(case.pipe)
     den = d["denoisers"][0]
     assert den["family"] == "Flux" and den["cfg_layout"] == "separate"
     assert den["last_call"]["branch"] == "uncond"  # true CFG: the second call of the step
-    assert den["last_call"]["geometry"] == {"frames": 1, "height": 16, "width": 16, "text_tokens": 8,
+    assert den["last_call"]["geometry"] == {"frames": 1, "height": 32, "width": 32, "text_tokens": 8,
                                             "text_first": True, "frame_span": 1}
     attn = [s for s in den["sites"] if s["kind"] == "self_attn"]
     assert attn and all(s["methods"]["todo"]["acts"] and s["last_run_note"] is None for s in attn)
