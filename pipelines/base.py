@@ -43,7 +43,9 @@ class Adapter:
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
-        return type(model).__name__ in cls.model_classes
+        """Whether `model` is one of the family's classes or a subclass of one (a model that adds to a
+        diffusers class keeps its blocks)."""
+        return any(c.__name__ in cls.model_classes for c in type(model).__mro__)
 
     def variant(self) -> str:
         """The family as shown to users (e.g. SDXL rather than SD 1.x/2.x)."""

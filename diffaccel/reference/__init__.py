@@ -1,7 +1,8 @@
 """The reference models: small text-to-image pipelines trained here on procedural captioned shapes.
 
-`load_reference_pipeline("unet")` is an SD-style `StableDiffusionPipeline`, `load_reference_pipeline("dit")`
-a PixArt-alpha-style `PixArtAlphaPipeline`; both share one VAE (scale 8, 256x256 images, 32x32 latents)
+`load_reference_pipeline("unet")` is an SD-style `StableDiffusionPipeline` (its U-Net a diffusers
+`UNet2DConditionModel` whose transformer blocks add 2-D positions to their attention inputs),
+`load_reference_pipeline("dit")` a PixArt-alpha-style `PixArtAlphaPipeline`; both share one VAE (scale 8, 256x256 images, 32x32 latents)
 and one frozen text encoder with a word-level tokenizer. Weights ship with the package as safetensors
 in `save_pretrained` folders and load offline with `from_pretrained`; `python -m diffaccel.reference.train`
 reproduces them.
@@ -27,14 +28,10 @@ def load_reference_pipeline(kind: str = "unet", path: str | Path | None = None, 
     if not (denoiser / "config.json").exists():
         raise FileNotFoundError(f"no trained {kind} weights in {root}; run `python -m diffaccel.reference.train "
                                 f"--out {root}` to train them")
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        PixArtTransformer2DModel,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+    from .models import ReferenceUNet2DConditionModel
     from .train import pixart_pipeline, sd_pipeline
 
     kwargs = {"use_safetensors": True}
@@ -43,8 +40,8 @@ def load_reference_pipeline(kind: str = "unet", path: str | Path | None = None, 
     vae = AutoencoderKL.from_pretrained(root / "vae", **kwargs)
     scheduler = DPMSolverMultistepScheduler.from_pretrained(root / "scheduler")
     if kind == "unet":
-        pipe = sd_pipeline(text_encoder, tokenizer, vae, UNet2DConditionModel.from_pretrained(denoiser, **kwargs),
-                           scheduler)
+        unet = ReferenceUNet2DConditionModel.from_pretrained(denoiser, **kwargs)
+        pipe = sd_pipeline(text_encoder, tokenizer, vae, unet, scheduler)
     else:
         pipe = pixart_pipeline(text_encoder, tokenizer, vae,
                                PixArtTransformer2DModel.from_pretrained(denoiser, **kwargs), scheduler)
