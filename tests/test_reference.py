@@ -156,7 +156,7 @@ def test_unet_positions_place_every_token_of_every_level():
     handles = [e.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], out - args[0])))
                for e in embeds]
     try:
-        with torch.no_grad():  # a 24 x 40 latent: levels of 960, 240 and 60 tokens (the last without attention)
+        with torch.no_grad():  # a 24 x 40 latent: levels of 960, 240 and (mid-block) 60 tokens
             unet(torch.randn(1, 4, 24, 40), 500, encoder_hidden_states=torch.randn(1, 40, 64))
     finally:
         for h in handles:

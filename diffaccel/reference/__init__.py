@@ -2,10 +2,10 @@
 
 `load_reference_pipeline("unet")` is an SD-style `StableDiffusionPipeline` (its U-Net a diffusers
 `UNet2DConditionModel` whose transformer blocks add 2-D positions to their attention inputs),
-`load_reference_pipeline("dit")` a PixArt-alpha-style `PixArtAlphaPipeline`; both share one VAE (scale 8, 256x256 images, 32x32 latents)
-and one frozen text encoder with a word-level tokenizer. Weights ship with the package as safetensors
-in `save_pretrained` folders and load offline with `from_pretrained`; `python -m diffaccel.reference.train`
-reproduces them.
+`load_reference_pipeline("dit")` a PixArt-alpha-style `PixArtAlphaPipeline`; both share one VAE
+(scale 8, 256x256 images, 32x32 latents) and one frozen text encoder with a word-level tokenizer.
+Weights ship with the package as safetensors in `save_pretrained` folders and load offline with
+`from_pretrained`; `python -m diffaccel.reference.train` reproduces them.
 """
 
 from __future__ import annotations

@@ -98,13 +98,11 @@ class GridPositions(torch.nn.Module):
         if self.latent.hw is None:
             raise RuntimeError("GridPositions: the latent size is unknown (call the U-Net, not its blocks)")
         h, w = self.latent.hw
-        while h > 1 or w > 1:
-            if h * w == n:
-                return h, w
+        while h * w != n:
+            if h * w == 1:
+                raise ValueError(f"GridPositions: {n} tokens is no level of a {self.latent.hw} latent")
             h, w = -(-h // 2), -(-w // 2)  # a U-Net level halves the grid, rounding up
-        if h * w == n:
-            return h, w
-        raise ValueError(f"GridPositions: {n} tokens is no level of a {self.latent.hw} latent")
+        return h, w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[1], x.shape[2], self.latent.hw, x.dtype, x.device)
