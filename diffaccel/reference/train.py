@@ -36,7 +36,7 @@ from . import data
 from .models import IMAGE_SIZE, make_text_encoder, make_tokenizer, make_transformer, make_unet, make_vae
 
 # steps at --scale 1, chosen to take about an hour in all on 2 CPU cores
-STEPS = {"text": 1500, "vae": 1200, "vae_full": 300, "unet": 1800, "dit": 1800}
+STEPS = {"text": 1500, "vae": 1200, "vae_full": 300, "unet": 2400, "dit": 1800}
 BATCH = {"text": 128, "vae": 16, "vae_full": 4, "unet": 16, "dit": 16}
 LR = {"text": 2e-3, "vae": 1e-3, "vae_full": 3e-4, "unet": 1e-3, "dit": 2e-3}
 PLOTTED = ("text", "vae", "vae_full", "unet", "dit")
@@ -308,9 +308,12 @@ def train_denoiser(stage: str, model, pipe, cache, steps: int, seed: int, log: d
     - a learning rate of 2e-3 for the DiT: at 5e-4 a run trained only at t >= 0.9 T stays on the
       plateau of a right background without shapes. The U-Net trains at 1e-3 (at 2e-3 without
       warm-up its high-noise loss rose);
-    - positions in the U-Net's attention inputs (`models.ReferenceUNet2DConditionModel`): without
-      them its queries know no place at high noise, and no learning rate, width or depth tried got it
-      off that plateau."""
+    - positions in the U-Net's cross-attention queries (`models.ReferenceUNet2DConditionModel`):
+      without them its queries know no place at high noise, and no learning rate, width or depth
+      tried got it off that plateau;
+    - for the U-Net, a mid-block of four transformer blocks (`models.make_unet`) and 2400 steps:
+      with one mid-block transformer and 1800 steps it followed 0.36 of 96 held-out captions, with
+      four 0.55, with four and 2400 steps 0.69 (its loss was still falling at 1800)."""
     means, stds, captions = cache
     sched = train_scheduler()
     alphas = sched.alphas_cumprod
