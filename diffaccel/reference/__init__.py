@@ -1,7 +1,7 @@
 """The reference models: small text-to-image pipelines trained here on procedural captioned shapes.
 
 `load_reference_pipeline("unet")` is an SD-style `StableDiffusionPipeline` (its U-Net a diffusers
-`UNet2DConditionModel` whose transformer blocks add 2-D positions to their attention inputs),
+`UNet2DConditionModel` whose transformer blocks add 2-D positions to their cross-attention queries),
 `load_reference_pipeline("dit")` a PixArt-alpha-style `PixArtAlphaPipeline`; both share one VAE
 (scale 8, 256x256 images, 32x32 latents) and one frozen text encoder with a word-level tokenizer.
 Weights ship with the package as safetensors in `save_pretrained` folders and load offline with

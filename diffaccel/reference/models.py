@@ -78,9 +78,16 @@ def grid_positions(h: int, w: int, dim: int) -> torch.Tensor:
 
 
 class _LatentSize:
-    """The (height, width) of the latent a U-Net call was given, shared with its blocks' positions."""
+    """The (height, width) of the latent a U-Net call was given, shared with its blocks' positions,
+    and the position tables of that size (one per level, dtype and device, whichever block asks first)."""
 
-    hw: tuple[int, int] | None = None
+    def __init__(self):
+        self.hw: tuple[int, int] | None = None
+        self.tables: dict = {}
+
+    def set(self, hw: tuple[int, int]) -> None:
+        if hw != self.hw:
+            self.hw, self.tables = hw, {}
 
 
 class GridPositions:
@@ -91,7 +98,6 @@ class GridPositions:
 
     def __init__(self, latent: _LatentSize):
         self.latent = latent
-        self._tables: dict = {}
 
     def grid(self, n: int) -> tuple[int, int]:
         if self.latent.hw is None:
@@ -104,11 +110,11 @@ class GridPositions:
         return h, w
 
     def add(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.shape[1], x.shape[2], self.latent.hw, x.dtype, x.device)
-        table = self._tables.get(key)
+        key = (x.shape[1], x.shape[2], x.dtype, x.device)
+        table = self.latent.tables.get(key)
         if table is None:
-            self._tables.clear()
-            table = self._tables[key] = grid_positions(*self.grid(x.shape[1]), x.shape[2]).to(x.device, x.dtype)
+            table = grid_positions(*self.grid(x.shape[1]), x.shape[2]).to(x.device, x.dtype)
+            self.latent.tables[key] = table
         return x + table
 
     def __call__(self, module, args, kwargs):
@@ -140,7 +146,7 @@ class ReferenceUNet2DConditionModel(UNet2DConditionModel):
                 self.query_positions.append(hook)
 
     def forward(self, sample, *args, **kwargs):
-        self._latent.hw = tuple(sample.shape[-2:])
+        self._latent.set(tuple(sample.shape[-2:]))
         return super().forward(sample, *args, **kwargs)
 
 
