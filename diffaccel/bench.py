@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .methods.toca import ToCaConfig
 from .metrics import relative_error
 
 ARCHS = ("sd15", "tiny-sd")
@@ -156,17 +157,9 @@ PAPER_SETTINGS = {
     "flux": [("fora N=3", {"method": "fora", "interval": 3}),
              ("toca N=4 R=0.1 warmup=3", {"method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
              ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
-             # flux-ToCa's own schedule: no step factor, depth weight 0.5, double-stream blocks x0.4 and
-             # single-stream x1.6, attention reused whole
-             ("toca N=4 R=0.1 warmup=3, flux schedule", {
-                 "method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3, "depth_weight": 0.5,
-                 "policy": {"rules": [
-                     {"select": {"kind": ["self_attn", "cross_attn", "ff"]},
-                      "params": {"interval": 4, "fresh_ratio": 0.0}, "when": {"start": 3, "unit": "step"}},
-                     {"select": {"kind": "ff", "name": "transformer_blocks.*"},
-                      "params": {"interval": 4, "fresh_ratio": 0.04}, "when": {"start": 3, "unit": "step"}},
-                     {"select": {"kind": "ff", "name": "single_transformer_blocks.*"},
-                      "params": {"interval": 4, "fresh_ratio": 0.16}, "when": {"start": 3, "unit": "step"}}]}})],
+             # flux-ToCa's own schedule (attention reused whole, double-stream feed-forward x0.4,
+             # single-stream x1.6, no step factor, depth weight 0.5)
+             ("toca N=4 R=0.1 warmup=3, flux schedule", ToCaConfig.flux(interval=4, fresh_ratio=0.1, warmup=3))],
 }
 
 

@@ -55,11 +55,19 @@ def test_fora_interval_one_and_zero_strength_policies_equal_the_baseline(make_ca
 
 def test_fora_warmup_computes_the_first_steps(make_case):
     case = make_case("sd1")
-    accelerate_pipeline(case.pipe, diffaccel.FORAConfig(interval=2, warmup=2))
-    case.run(steps=6)
+    accelerate_pipeline(case.pipe, diffaccel.FORAConfig(interval=2, warmup=3))
+    case.run(steps=7)
     log = describe(case.pipe)["denoisers"][0]["sites"][0]["last_run"]
-    # steps 0, 1 warm-up (idle: not logged), then computed at 2 and 4, reused at 3 and 5
-    assert {s: v["computed"] == 0 for s, v in log.items()} == {2: False, 3: True, 4: False, 5: True}
+    # steps 0, 1, 2 warm-up (0, 1 idle: not logged); the last, step 2, begins the first cycle: the
+    # step right after the warm-up is already reused, as ToCa's first_enhance does
+    assert {s: v["computed"] == 0 for s, v in log.items()} == {2: False, 3: True, 4: False, 5: True, 6: False}
+    # warm-up 1 is warm-up 0: a run's first step is computed anyway
+    for warmup in (0, 1):
+        remove_acceleration(case.pipe)
+        accelerate_pipeline(case.pipe, diffaccel.FORAConfig(interval=2, warmup=warmup))
+        case.run(steps=3)
+        log = describe(case.pipe)["denoisers"][0]["sites"][0]["last_run"]
+        assert {s: v["computed"] == 0 for s, v in log.items()} == {0: False, 1: True, 2: False}
 
 
 def test_cache_is_released_at_the_end_of_each_call_and_reported(make_case):

@@ -219,6 +219,39 @@ def test_cell_bonus_spreads_fresh_tokens_over_the_grid():
     assert bonus.sum(dim=1).eq(4).all()
 
 
+@pytest.mark.parametrize("name", ["toca", "duca"])
+def test_warmup_steps_are_full_and_the_last_begins_the_first_cycle(make_case, name):
+    # flux-ToCa's setting: interval 4, first 3 steps full, then cached steps at once (3, 4, 5), full at 6
+    case = make_case("flux")
+    base = case.run(steps=3)
+    accelerate_pipeline(case.pipe, name, interval=4, fresh_ratio=0.25, warmup=3, kind_weights=ALL_KINDS,
+                        step_weight=0.0, depth_weight=0.0)
+    assert torch.equal(case.run(steps=3), base)  # a run no longer than its warm-up is the baseline
+    case.run(steps=8)
+    for name_, steps in site_log(case.pipe).items():
+        n = steps[2][0]
+        full = {s for s, (tokens, computed, _) in steps.items() if computed == tokens}
+        assert 0 not in steps and 1 not in steps, name_  # idle warm-up steps are not logged
+        assert full == {2, 6}, (name_, steps)  # step 2 (the warm-up's last) and 6 begin cycles
+        assert all(steps[s][1] < n for s in (3, 4, 5, 7)), name_
+
+
+def test_flux_schedule_reuses_attention_and_weights_the_streams(make_case):
+    case = make_case("flux")
+    cfg = diffaccel.ToCaConfig.flux(fresh_ratio=0.5, depth_weight=0.0)
+    assert (cfg.interval, cfg.warmup, cfg.step_weight) == (4, 3, 0.0)
+    accelerate_pipeline(case.pipe, cfg)
+    case.run(steps=5)
+    log = site_log(case.pipe)
+    assert {"transformer_blocks.0.ff", "single_transformer_blocks.0.proj_mlp"} <= set(log)
+    for name, steps in log.items():
+        n = steps[2][0]
+        assert sorted(steps) == [2, 3, 4] and steps[2][1] == n, name  # warm-up 0, 1 idle; 2 begins the cycle
+        kind = next(s["kind"] for s in describe(case.pipe)["denoisers"][0]["sites"] if s["name"] == name)
+        weight = 0 if kind != "ff" else 0.4 if name.startswith("transformer_blocks") else 1.6
+        assert steps[3][1] == steps[4][1] == round(0.5 * weight * n), name  # attention reused whole
+
+
 def test_separate_cfg_calls_keep_separate_caches(make_case):
     case = make_case("flux")
     accelerate_pipeline(case.pipe, "toca", interval=3)

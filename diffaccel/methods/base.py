@@ -16,12 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from ..cost import reduction_estimate
-from ..policy import Policy, Rule, Selector
+from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import ImageSpan, TokenReduction, gather_positions, rope_seq_dim
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods act on
+
+
+def warmup_window(warmup: int) -> Window:
+    """Where a caching method's default rules act, given its `warmup`: the first `warmup` steps are
+    computed in full and the last of them begins the first cycle, so the step after the warm-up is
+    already a cached one (ToCa's Flux code: first_enhance=3, interval 4 computes steps 0, 1, 2, 6,
+    10, ...). Warm-up 0 and 1 are the same: a run's first step is always computed."""
+    return Window(max(0, warmup - 1), None, "step")
 # Video token rows that span more frames than this are too far apart in time to share a cell or a
 # pooling window by default
 MAX_FRAME_SPAN = 4

@@ -4,7 +4,8 @@ Every `interval` steps each selected sub-layer (self-attention, cross-attention,
 every block) runs and its output is stored; on the steps between, the stored output is returned and
 the sub-layer does not run. What a block does around its sub-layers (adaLN shifts, scales and
 gates, residual additions) still runs at every step, with that step's timestep. `warmup` steps at
-the start of the run are computed in full (ToCa's Flux setting computes the first 3). The paper's
+the start of the run are computed in full and the last of them begins the first cycle (ToCa's Flux
+setting computes the first 3). The paper's
 default: interval 3 on every sub-layer.
 
 A cache entry serves only calls of the same run, CFG branch, batch and token count; anything else
@@ -16,16 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..policy import Policy, Rule, Selector, Window
+from ..policy import Policy, Rule, Selector
 from ..sites import Site
-from .base import SUBLAYERS, CacheEntry, MethodConfig, check_number, register
+from .base import SUBLAYERS, CacheEntry, MethodConfig, check_number, register, warmup_window
 
 
 @register
 @dataclass(frozen=True)
 class FORAConfig(MethodConfig):
     """interval: steps one computed output serves (1: compute every step, the baseline).
-    warmup: steps at the start of the run that are always computed."""
+    warmup: steps at the start of the run that are always computed; the last of them begins the
+    first cycle (0 and 1 are the same)."""
 
     interval: int = 3
     warmup: int = 0
@@ -45,8 +47,7 @@ class FORAConfig(MethodConfig):
         check_number(type(self).__name__, key, value, 1, 1000)
 
     def default_policy(self) -> Policy:
-        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval},
-                            Window(self.warmup, None, "step")),))
+        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval}, warmup_window(self.warmup)),))
 
     def unsupported(self, site: Site) -> str | None:
         return "acts on sub-layers, not whole blocks" if site.kind == "block" else None

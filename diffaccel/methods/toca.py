@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import gather_tokens, scatter_tokens
-from ..policy import Linear, Policy, Rule, Selector, Window
+from ..policy import Linear, Policy, Rule, Selector
 from ..sites import Site
 from ..tokens import expand_rows
 from .base import (
@@ -56,6 +56,7 @@ from .base import (
     image_span,
     kv_attention,
     register,
+    warmup_window,
 )
 
 SCORES = ("change", "vnorm", "random", "attention")
@@ -105,7 +106,7 @@ class TokenwiseCache(MethodConfig):
             check_number(n, key, value, 0.0, 1.0)
 
     def default_policy(self) -> Policy:
-        when = Window(self.warmup, None, "step")
+        when = warmup_window(self.warmup)
         if self.fresh_ratio >= 1:
             return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": 1.0}, when),))
         rules = []
@@ -115,6 +116,23 @@ class TokenwiseCache(MethodConfig):
             rules.append(Rule(Selector(kind=kind), {"interval": self.interval, "fresh_ratio": Linear(first, last)},
                               when))
         return Policy(tuple(rules))
+
+    @classmethod
+    def flux(cls, interval: int = 4, fresh_ratio: float = 0.1, warmup: int = 3, **fields: Any):
+        """flux-ToCa's own schedule, for Flux's double- and single-stream blocks (diffusers' names
+        `transformer_blocks.*` and `single_transformer_blocks.*`): attention reused whole on cached
+        steps, no step factor, depth weight 0.5, and the feed-forward sub-layers' fresh ratio times
+        0.4 in double-stream blocks and 1.6 in single-stream ones. Defaults: the paper's Flux
+        setting, N=4, R=0.1, first 3 steps full. Other fields pass through (score, seed, ...)."""
+        when = warmup_window(warmup)
+        every = {"interval": interval, "fresh_ratio": 0.0}
+        policy = Policy((
+            Rule(Selector(kind=SUBLAYERS), every, when),
+            Rule(Selector(kind="ff", name="transformer_blocks.*"), {**every, "fresh_ratio": 0.4 * fresh_ratio}, when),
+            Rule(Selector(kind="ff", name="single_transformer_blocks.*"),
+                 {**every, "fresh_ratio": min(1.0, 1.6 * fresh_ratio)}, when)))
+        fields = {"step_weight": 0.0, "depth_weight": 0.5, **fields}
+        return cls(interval=interval, fresh_ratio=fresh_ratio, warmup=warmup, policy=policy, **fields)
 
     def unsupported(self, site: Site) -> str | None:
         return "acts on sub-layers, not whole blocks" if site.kind == "block" else None
@@ -282,7 +300,8 @@ def _attention_received(module: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
 class ToCaConfig(TokenwiseCache):
     """interval: steps per cycle; its first step computes every token (1: the baseline).
     fresh_ratio: base fraction of tokens recomputed on the other steps (1: all, the baseline).
-    warmup: steps at the start of the run that are always computed.
+    warmup: steps at the start of the run that are always computed; the last of them begins the
+    first cycle (0 and 1 are the same).
     score: primary fresh-token score, one of "change", "vnorm", "random", "attention".
     staleness_weight: bonus per step a token has waited (in cycles).
     cell, cell_frames: spatial (and temporal) cell of the uniformity bonus; cell 0 turns it off.
