@@ -243,12 +243,12 @@ def test_flux_schedule_reuses_attention_and_weights_the_streams(make_case):
     accelerate_pipeline(case.pipe, cfg)
     case.run(steps=5)
     log = site_log(case.pipe)
+    kinds = {s["name"]: s["kind"] for s in describe(case.pipe)["denoisers"][0]["sites"]}
     assert {"transformer_blocks.0.ff", "single_transformer_blocks.0.proj_mlp"} <= set(log)
     for name, steps in log.items():
         n = steps[2][0]
         assert sorted(steps) == [2, 3, 4] and steps[2][1] == n, name  # warm-up 0, 1 idle; 2 begins the cycle
-        kind = next(s["kind"] for s in describe(case.pipe)["denoisers"][0]["sites"] if s["name"] == name)
-        weight = 0 if kind != "ff" else 0.4 if name.startswith("transformer_blocks") else 1.6
+        weight = 0 if kinds[name] != "ff" else 0.4 if name.startswith("transformer_blocks") else 1.6
         assert steps[3][1] == steps[4][1] == round(0.5 * weight * n), name  # attention reused whole
 
 

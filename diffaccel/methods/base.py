@@ -22,14 +22,6 @@ from ..tokens import ImageSpan, TokenReduction, gather_positions, rope_seq_dim
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 SUBLAYERS = ("self_attn", "cross_attn", "ff")  # the site kinds caching methods act on
-
-
-def warmup_window(warmup: int) -> Window:
-    """Where a caching method's default rules act, given its `warmup`: the first `warmup` steps are
-    computed in full and the last of them begins the first cycle, so the step after the warm-up is
-    already a cached one (ToCa's Flux code: first_enhance=3, interval 4 computes steps 0, 1, 2, 6,
-    10, ...). Warm-up 0 and 1 are the same: a run's first step is always computed."""
-    return Window(max(0, warmup - 1), None, "step")
 # Video token rows that span more frames than this are too far apart in time to share a cell or a
 # pooling window by default
 MAX_FRAME_SPAN = 4
@@ -40,6 +32,14 @@ def default_frames(frames: int, span: int = 1) -> int:
     video grids whose token rows are close in time (span <= MAX_FRAME_SPAN video frames per row: Wan,
     CogVideoX, HunyuanVideo), else 1 (images, and LTX-Video's 8-frame rows)."""
     return 2 if frames > 1 and span <= MAX_FRAME_SPAN else 1
+
+
+def warmup_window(warmup: int) -> Window:
+    """Where a caching method's default rules act, given its `warmup`: the first `warmup` steps are
+    computed in full and the last of them begins the first cycle, so the step after the warm-up is
+    already a cached one (ToCa's Flux code: first_enhance=3, interval 4 computes steps 0, 1, 2, 6,
+    10, ...). Warm-up 0 and 1 are the same: a run's first step is always computed."""
+    return Window(max(0, warmup - 1), None, "step")
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:

@@ -5,8 +5,7 @@ every block) runs and its output is stored; on the steps between, the stored out
 the sub-layer does not run. What a block does around its sub-layers (adaLN shifts, scales and
 gates, residual additions) still runs at every step, with that step's timestep. `warmup` steps at
 the start of the run are computed in full and the last of them begins the first cycle (ToCa's Flux
-setting computes the first 3). The paper's
-default: interval 3 on every sub-layer.
+setting computes the first 3). The paper's default: interval 3 on every sub-layer.
 
 A cache entry serves only calls of the same run, CFG branch, batch and token count; anything else
 is recomputed. Caches are released when the run ends.
