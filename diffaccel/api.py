@@ -65,11 +65,18 @@ def _config_from(obj: Any) -> MethodConfig:
                     f"got {type(obj).__name__}")
 
 
+def _unknown_option(key: str, configs: list[MethodConfig]) -> TypeError:
+    allowed = sorted({f.name for c in configs for f in dataclasses.fields(c)})
+    aliases = sorted({a for c in configs for a in c.aliases})
+    return TypeError(f"unknown option {key!r} for {'/'.join(c.name for c in configs)}; allowed: {allowed}"
+                     + (f" (or the reference's names {aliases})" if aliases else ""))
+
+
 def _replace(cfg: MethodConfig, changes: dict) -> MethodConfig:
-    allowed = [f.name for f in dataclasses.fields(cfg)]
-    unknown = [k for k in changes if k not in allowed]
+    unknown = [k for k in changes if k not in cfg.option_names()]
     if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r} for {cfg.name}; allowed: {allowed}")
+        raise _unknown_option(unknown[0], [cfg])
+    changes = dict(cfg.translate(k, v) for k, v in changes.items())
     if getattr(cfg, "cost_model", False) is None and "cost_model" not in changes and set(changes) & set(cfg.params):
         changes = {**changes, "cost_model": False}  # a strength the user asked for acts wherever it is selected
     return dataclasses.replace(cfg, **changes) if changes else cfg
@@ -85,10 +92,9 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
     if len(set(names)) != len(names):
         raise ValueError(f"each method may be given once, got {names}")
     for key, value in overrides.items():
-        owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
+        owners = [i for i, c in enumerate(configs) if key in c.option_names()]
         if not owners:
-            allowed = sorted({f.name for c in configs for f in dataclasses.fields(c)})
-            raise TypeError(f"unknown option {key!r} for {'/'.join(names)}; allowed: {allowed}")
+            raise _unknown_option(key, configs)
         if len(owners) > 1:
             raise ValueError(f"option {key!r} fits several methods ({[names[i] for i in owners]}); "
                              f"pass config objects instead")
@@ -250,7 +256,12 @@ def _uninstall(inst: Installation) -> None:
 
 
 def installation(pipe: Any) -> Installation | None:
-    return getattr(pipe, STATE_ATTR, None)
+    """The acceleration of a pipeline or denoiser: the pipeline's own, or (for a pipeline sharing an
+    accelerated denoiser, e.g. made with `from_pipe`) its denoisers'."""
+    inst = pipe.__dict__.get(STATE_ATTR) if hasattr(pipe, "__dict__") else None
+    if inst is None and not isinstance(pipe, torch.nn.Module):
+        inst = next((i for a in DENOISER_ATTRS if (i := getattr(getattr(pipe, a, None), STATE_ATTR, None))), None)
+    return inst
 
 
 def remove_acceleration(pipe: Any) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .methods.duca import DuCaConfig
 from .methods.toca import ToCaConfig
 from .metrics import relative_error
 
@@ -149,17 +150,18 @@ CACHE_ARCHS = ("pixart-alpha", "flux-2x4", "flux-dev", "tiny-pixart", "tiny-flux
 FLOPS_ONLY = {"flux-dev": "FLUX.1-dev at full depth has 12B parameters; count its FLOPs (--steps 0, on the meta "
                           "device) and time flux-2x4"}
 # The papers' settings per architecture (ToCa: PixArt-alpha N=3 R=0.3; Flux N=4 R=0.1, first 3 steps
-# full; DuCa: PixArt N=3 R=0.75; FORA: N=3).
+# full; DuCa: PixArt N=3 R=0.75; FORA: N=3): with our default schedules and scores, and as the
+# reference code sets them (`paper(...)`: its interval schedule, scores and stream factors).
 PAPER_SETTINGS = {
     "pixart": [("fora N=3", {"method": "fora", "interval": 3}),
                ("toca N=3 R=0.3", {"method": "toca", "interval": 3, "fresh_ratio": 0.3}),
-               ("duca N=3 R=0.75", {"method": "duca", "interval": 3, "fresh_ratio": 0.75})],
+               ("toca paper(pixart-alpha)", ToCaConfig.paper("pixart-alpha")),
+               ("duca N=3 R=0.75", {"method": "duca", "interval": 3, "fresh_ratio": 0.75}),
+               ("duca paper(pixart-alpha)", DuCaConfig.paper("pixart-alpha"))],
     "flux": [("fora N=3", {"method": "fora", "interval": 3}),
              ("toca N=4 R=0.1 warmup=3", {"method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
-             ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
-             # flux-ToCa's own schedule (attention reused whole, double-stream feed-forward x0.4,
-             # single-stream x1.6, no step factor, depth weight 0.5)
-             ("toca N=4 R=0.1 warmup=3, flux schedule", ToCaConfig.flux(interval=4, fresh_ratio=0.1, warmup=3))],
+             ("toca paper(flux)", ToCaConfig.paper("flux")),
+             ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3})],
 }
 
 
@@ -305,9 +307,9 @@ def peer_settings(steps: int) -> list[tuple[str, object, bool]]:
     forward (kept after `disable_cache`, harmless for later runs), so its rows come last."""
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    ours = [(label, spec) for label, spec in PAPER_SETTINGS["flux"] if "flux schedule" not in label]
     rows = [("baseline", None, False)]
-    rows += [(f"diffaccel {label}", lambda m, spec=spec: _ours(m, spec, False, steps), False) for label, spec in ours]
+    rows += [(f"diffaccel {label}", lambda m, spec=spec: _ours(m, spec, False, steps), False)
+             for label, spec in PAPER_SETTINGS["flux"]]
     rows += [
         ("diffusers FirstBlockCache threshold=0.05",
          lambda m: _peer_diffusers(m, FirstBlockCacheConfig(threshold=0.05)), True),

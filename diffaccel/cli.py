@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -47,48 +49,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .metrics import psnr, relative_error, time_call
 
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.captions and args.model == "random-sd":
+        raise SystemExit("--captions needs a reference model (--model unet or dit): they know the captions")
     pipe, size, steps, what = _load_model(args.model, args.weights)
     args.size, args.steps = args.size or size, args.steps or steps
-    print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, prompt {args.prompt!r}")
+    if args.captions:
+        from .reference import data
+
+        prompts = [s.caption for s in data.evaluation_scenes(args.captions, seed=1)]
+        print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, {len(prompts)} held-out captions")
+    else:
+        prompts = [args.prompt] * args.batch
+        print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, prompt {args.prompt!r}")
 
     def generate():
-        gen = [torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)]
-        return pipe([args.prompt] * args.batch, num_inference_steps=args.steps, height=args.size, width=args.size,
+        gen = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=args.steps, height=args.size, width=args.size,
                     generator=gen, output_type="pt").images
 
     t_base, base = time_call(generate, repeats=args.repeats)
     rows = [("baseline", t_base, 1.0, float("inf"), 0.0)]
-    cost_skipped = set()  # methods some of whose sites the cost model left out in this run
+    said: dict[str, list[str]] = {}  # what each method warned about (acting nowhere, ...)
     for spec in args.methods:
         method = _method_arg(spec)
         # the baseline again, just before: a drift of the machine's speed then hits both sides of the ratio
         t_ref, _ = time_call(generate, repeats=args.repeats, warmup=0)
-        accelerate_pipeline(pipe, method)
-        t, out = time_call(generate, repeats=args.repeats)
-        report = describe(pipe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            accelerate_pipeline(pipe, method)
+            t, out = time_call(generate, repeats=args.repeats)
+        said[spec] = list(dict.fromkeys(str(w.message) for w in caught if _ours(w)))
         if args.describe:
-            print(report)
-        if any((site["last_run_note"] or "").startswith("cost model") for den in report["denoisers"]
-               for site in den["sites"]):
-            cost_skipped.add(spec)
+            print(describe(pipe))
         remove_acceleration(pipe)
-        rows.append((spec, t, t_ref / t, psnr(out, base), relative_error(out, base)))
+        rows.append((spec, t, t_ref / t, statistics.mean(psnr(o, b) for o, b in zip(out, base)),
+                     relative_error(out, base)))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "diffaccel " + " ".join(args.argv), "rows": [
+            dict(config=n, seconds=t, speedup=sp, psnr=p, rel_error=e) for n, t, sp, p, e in rows]}, indent=1) + "\n")
     print(f"\n{'method':<28}{'time/s':>9}{'speed-up':>10}{'PSNR/dB':>10}{'rel.err':>9}")
     for name, t, sp, p, e in rows:
         print(f"{name:<28}{t:>9.2f}{sp:>9.2f}x{p:>10.1f}{e:>9.4f}")
-    untouched = [name for name, *_, e in rows[1:] if e == 0.0 and name in cost_skipped]
-    if untouched:
-        print(f"\n{', '.join(untouched)}: output identical to the baseline. At their default strength the cost"
-              " model found no site where they pay at this size (too few tokens for their own work);"
-              " --describe says why per site, and an explicit strength (e.g. sito:ratio=0.5) acts anyway.")
+    notes = [f"{spec}: {message}" for spec, messages in said.items() for message in messages]
+    if notes:
+        print("\n" + "\n".join(notes) + "\n(--describe shows what acted at each site and step)")
     print("\n(each speed-up is against a baseline run timed just before that method; CPU timings are noisy:"
           " compare the ratios of one run, not absolute times, and raise --repeats for steadier ones)")
     return 0
 
 
+def _ours(w: warnings.WarningMessage) -> bool:
+    """A warning the acceleration gave (they name the method first)."""
+    from .methods import available_methods
+
+    return issubclass(w.category, UserWarning) and str(w.message).split(" ", 1)[0].rstrip(":") in available_methods()
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
     import itertools
-    from pathlib import Path
 
     from .reference import data, load_reference_pipeline
     from .reference.evaluate import caption_following, random_weight_copy, sample_grid, step_redundancy
@@ -133,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--size", type=int, default=None, help="pixels (default: 256 for unet/dit, 512 for random-sd)")
     run.add_argument("--steps", type=int, default=None, help="default: 20 for unet/dit, 10 for random-sd")
     run.add_argument("--batch", type=int, default=1)
+    run.add_argument("--captions", type=int, default=0, help="unet/dit: generate for this many held-out captions "
+                     "(one image each, in one batch) instead of --prompt; PSNR is the mean over the images")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--threads", type=int, default=0)
     run.add_argument("--describe", action="store_true", help="print describe() of each accelerated pipeline")
+    run.add_argument("--out", default=None, help="also write the table as JSON here (with the command)")
     run.set_defaults(func=cmd_run)
 
     from .bench import add_bench_parser

@@ -95,7 +95,9 @@ def reduction_estimate(module: torch.nn.Module, kind: str, x: torch.Tensor, n: i
     if kind == "self_attn" and width:
         flops += 4 * b * width * ((n + text) ** 2 - (kept + text) ** 2)
     saves = dev.time(flops)
-    match = 2 * b * (n - cells) * cells * c + (4 * b * n * c if prune else 0)
+    match = 2 * b * (n - cells) * cells * c
+    if prune:  # the summed similarity, and each pruned token's most similar kept token
+        match += 4 * b * n * c + 2 * b * (n - kept) * kept * c
     moved = b * c * size * (4 * n + 2 * kept)  # gather in, scatter-add, restore scatter, copies
     costs = dev.time(match, moved, LAUNCHES["prune" if prune else "merge"])
     return Estimate(saves, costs)

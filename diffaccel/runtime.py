@@ -8,7 +8,9 @@ scheduler's `set_timesteps` (a new run) and `step` (the next step). Methods neve
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +20,128 @@ import torch
 from .methods.base import CacheEntry, MethodConfig, SiteCall
 from .sites import Geometry, Site
 
+MAX_FRAMES = 64  # how far up the stack a denoiser call looks for the pipeline running it
+
+
+class _PipeRef:
+    """A weak reference to a pipeline that `copy.deepcopy` maps onto the copy of that pipeline (a
+    plain weakref would still point at the original), or drops when the pipeline is not copied."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, pipe: Any):
+        self._ref = weakref.ref(pipe) if pipe is not None else None
+
+    def __call__(self) -> Any:
+        return self._ref() if self._ref is not None else None
+
+    def __deepcopy__(self, memo: dict) -> _PipeRef:
+        pipe = self()
+        return _PipeRef(memo.get(id(pipe)) if pipe is not None else None)
+
+
+class _Patch:
+    """Stands in for a method on one instance (a scheduler's `set_timesteps` / `step`, a pipeline's
+    `progress_bar`) and calls the clock around it. An object rather than a closure, so that
+    `copy.deepcopy` of a pipeline gives the copy patches of its own; `remove` puts back exactly what
+    was there before (another library's instance-level wrapper included)."""
+
+    def __init__(self, owner: Any, name: str, clock: RunClock):
+        self.name, self.clock = name, clock
+        self.owner_ref = _PipeRef(owner) if name == "progress_bar" else None
+        self.owner = None if self.owner_ref is not None else owner
+        self.had_previous = name in owner.__dict__
+        self.previous = owner.__dict__.get(name)
+        if self.owner is not None:  # inspect.signature follows it (pipelines inspect set_timesteps)
+            self.__wrapped__ = getattr(owner, name)
+        owner.__dict__[name] = self
+
+    def target(self) -> Any:
+        return self.owner_ref() if self.owner_ref is not None else self.owner
+
+    def original(self):
+        owner = self.target()
+        return self.previous if self.had_previous else getattr(type(owner), self.name).__get__(owner)
+
+    def remove(self) -> None:
+        owner = self.target()
+        if owner is None or owner.__dict__.get(self.name) is not self:
+            return
+        if self.had_previous:
+            owner.__dict__[self.name] = self.previous
+        else:
+            del owner.__dict__[self.name]
+
+
+class _SetTimesteps(_Patch):
+    def __call__(self, *args, **kwargs):
+        out = self.original()(*args, **kwargs)
+        self.clock.new_run(_count(getattr(self.target(), "timesteps", None)))
+        return out
+
+
+class _Step(_Patch):
+    def __call__(self, *args, **kwargs):
+        out = self.original()(*args, **kwargs)
+        clock = self.clock
+        clock.step += 1
+        clock.calls_in_step = 0
+        if clock.num_steps and clock.step >= clock.num_steps:
+            clock.end_run()
+        return out
+
+
+class _ProgressBar(_Patch):
+    """Every diffusers pipeline runs its denoising loop inside `self.progress_bar(...)`, whose total is
+    the number of steps the loop really runs (fewer than num_inference_steps for img2img and inpaint
+    with strength < 1, SDXL's denoising_start / denoising_end): the clock plans the run over that
+    span, and the run ends (caches released) when the loop is left, normally or by an exception."""
+
+    def __call__(self, *args, **kwargs):
+        bar = self.original()(*args, **kwargs)
+        total = kwargs.get("total")
+        iterable = kwargs.get("iterable", args[0] if args else None)
+        return _Loop(bar, self.clock, self.target(), total if total is not None else _count(iterable))
+
+
+class _Loop:
+    """The progress bar a pipeline loops in, seen by the clock: entering it begins the denoising loop,
+    leaving it (or exhausting it, when iterated) ends the run. Anything else goes to the bar."""
+
+    def __init__(self, bar: Any, clock: RunClock, pipe: Any, total: int | None):
+        self._bar, self._clock, self._pipe, self._total = bar, clock, pipe, total
+
+    def __enter__(self):
+        self._clock.begin_loop(self._pipe, self._total)
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self._bar.__exit__(*exc)
+        finally:
+            self._clock.end_loop()
+
+    def __iter__(self):
+        self._clock.begin_loop(self._pipe, self._total)
+        try:
+            yield from self._bar
+        finally:
+            self._clock.end_loop()
+
+    def __getattr__(self, name: str):
+        return getattr(self._bar, name)
+
 
 class RunClock:
     """Which pipeline call ("run") and which denoising step we are in.
 
-    With a scheduler it follows `set_timesteps` and `step`, so any number of denoiser calls per step
-    (separate CFG branches, Wan 2.2's two experts) share a step index. Without one (a bare
-    denoiser), every denoiser call is a step and `num_steps` is what the user gave, if anything.
+    With a pipeline it follows the scheduler's `set_timesteps` (a new run) and `step` (the next step),
+    so any number of denoiser calls per step (separate CFG branches, Wan 2.2's two experts) share a
+    step index, and the pipeline's denoising loop (its progress bar) gives the number of steps the run
+    really has. A denoiser shared by several pipelines (`from_pipe`, a pipeline built from another's
+    components) follows whichever of them is running it: a call from outside any loop the clock knows
+    finds its pipeline on the call stack and adopts it. Without a pipeline (a bare denoiser), every
+    denoiser call is a step and `num_steps` is what the user gave, if anything.
     """
 
     def __init__(self, num_steps: int | None = None):
@@ -32,61 +149,93 @@ class RunClock:
         self.step = 0
         self.calls_in_step = 0
         self.num_steps = num_steps
-        self.scheduler: Any = None
-        self._pipe_ref: Any = None
         self._fixed_steps = num_steps
-        self.on_run_end: list = []  # called when the last step of a run is done (caches are released)
+        self.patches: list[_Patch] = []
+        self.pipes: list[_PipeRef] = []  # pipelines that drive the clock, the accelerated one first
+        self.current = _PipeRef(None)  # the pipeline running now (or last)
+        self.loops = 0  # denoising loops of driving pipelines now running
+        self._ended = -1  # the last run whose end was announced
+        self.on_run_end: list = []  # called when a run's last step is done or its loop is left
 
-    # -- scheduler wrapping ------------------------------------------------------------------
+    # -- pipelines and schedulers ------------------------------------------------------------
     def attach(self, pipe: Any) -> None:
-        self._pipe_ref = weakref.ref(pipe)
-        self._wrap(getattr(pipe, "scheduler", None))
-
-    def _wrap(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-        if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        """Follow this pipeline's runs (its scheduler and its denoising loop)."""
+        if any(ref() is pipe for ref in self.pipes):
             return
-        original_set, original_step = scheduler.set_timesteps, scheduler.step
-        clock = self
+        self.pipes.append(_PipeRef(pipe))
+        self._patch_scheduler(getattr(pipe, "scheduler", None))
+        if callable(getattr(pipe, "progress_bar", None)):
+            self.patches.append(_ProgressBar(pipe, "progress_bar", self))
+        self.current = _PipeRef(pipe)
 
-        # functools.wraps keeps the signatures: pipelines inspect set_timesteps for `sigmas`/`timesteps`.
-        @functools.wraps(original_set)
-        def set_timesteps(*args, **kwargs):
-            out = original_set(*args, **kwargs)
-            clock.new_run(_count(getattr(scheduler, "timesteps", None)))
-            return out
+    def _patch_scheduler(self, scheduler: Any) -> bool:
+        """Patch a scheduler (once); False when it is already followed or has nothing to follow."""
+        if scheduler is None or not hasattr(scheduler, "set_timesteps") or self._follows(scheduler):
+            return False
+        self.patches.append(_SetTimesteps(scheduler, "set_timesteps", self))
+        self.patches.append(_Step(scheduler, "step", self))
+        return True
 
-        @functools.wraps(original_step)
-        def step(*args, **kwargs):
-            out = original_step(*args, **kwargs)
-            clock.step += 1
-            clock.calls_in_step = 0
-            if clock.num_steps and clock.step >= clock.num_steps:
-                clock.end_run()
-            return out
-
-        scheduler.set_timesteps = set_timesteps
-        scheduler.step = step
+    def _follows(self, scheduler: Any) -> bool:
+        return any(p.target() is scheduler for p in self.patches if isinstance(p, _Step))
 
     def detach(self) -> None:
-        sch = self.scheduler
-        if sch is not None:
-            for name in ("set_timesteps", "step"):
-                sch.__dict__.pop(name, None)
-        self.scheduler = None
+        for patch in reversed(self.patches):
+            patch.remove()
+        self.patches.clear()
+        self.pipes.clear()
+        self.current = _PipeRef(None)
 
-    def follow_pipeline(self) -> None:
-        """Re-attach when the user swapped the pipeline's scheduler after acceleration."""
-        pipe = self._pipe_ref() if self._pipe_ref is not None else None
-        if pipe is None:
+    @property
+    def driven(self) -> bool:
+        return any(isinstance(p, _Step) for p in self.patches)
+
+    def sync(self, pipe: Any) -> None:
+        """`pipe` is running the denoiser: adopt it if it is new to the clock, and follow its scheduler
+        if it was swapped. Either way the run is taken up where its scheduler stands."""
+        self.current = _PipeRef(pipe)
+        known = any(ref() is pipe for ref in self.pipes)
+        if known and self._follows(getattr(pipe, "scheduler", None)):
             return
-        current = getattr(pipe, "scheduler", None)
-        if current is not self.scheduler:
-            self.detach()
-            self._wrap(current)
-            self.new_run(_count(getattr(current, "timesteps", None)))
+        if known:
+            self._patch_scheduler(pipe.scheduler)
+        else:
+            self.attach(pipe)
+        left, done = _position(getattr(pipe, "scheduler", None))
+        self.new_run(left)
+        self.step = done
+
+    def locate(self, model: torch.nn.Module) -> None:
+        """A denoiser call outside every denoising loop the clock knows: find the pipeline running it
+        on the call stack (none: a bare call, the clock stays as it is)."""
+        frame = sys._getframe(2)
+        for _ in range(MAX_FRAMES):
+            if frame is None:
+                return
+            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+            if owner is not None and hasattr(owner, "scheduler") and \
+                    any(getattr(owner, attr, None) is model for attr in _DENOISER_ATTRS):
+                self.sync(owner)
+                return
+            frame = frame.f_back
+
+    # -- runs --------------------------------------------------------------------------------
+    def begin_loop(self, pipe: Any, total: int | None) -> None:
+        self.loops += 1
+        self.sync(pipe)
+        steps = _loop_steps(total, getattr(pipe, "scheduler", None))
+        if steps:
+            self.num_steps = self.step + steps
+
+    def end_loop(self) -> None:
+        self.loops = max(0, self.loops - 1)
+        if not self.loops:
+            self.end_run()
 
     def end_run(self) -> None:
+        if self._ended == self.run:
+            return
+        self._ended = self.run
         for listener in self.on_run_end:
             listener()
 
@@ -96,9 +245,8 @@ class RunClock:
         self.calls_in_step = 0
         self.num_steps = num_steps or self._fixed_steps
 
-    @property
-    def driven(self) -> bool:
-        return self.scheduler is not None and hasattr(self.scheduler, "set_timesteps")
+
+_DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 
 
 def _count(timesteps: Any) -> int | None:
@@ -106,6 +254,28 @@ def _count(timesteps: Any) -> int | None:
         return len(timesteps) if timesteps is not None else None
     except TypeError:
         return None
+
+
+def _position(scheduler: Any) -> tuple[int | None, int]:
+    """(steps of the scheduler's current run, steps already done): its timesteps after the begin index
+    (img2img starts part-way), and its step index."""
+    total = _count(getattr(scheduler, "timesteps", None))
+    begin = getattr(scheduler, "begin_index", None) or 0
+    index = getattr(scheduler, "step_index", None)
+    done = max(0, index - begin) if isinstance(index, int) else 0
+    return (total - begin if total else None), done
+
+
+def _loop_steps(total: int | None, scheduler: Any) -> int | None:
+    """Scheduler steps of a denoising loop whose progress bar counts `total`: one each, but a
+    second-order scheduler (Heun, DPM2) steps twice per counted step, except at its end."""
+    if not total:
+        return None
+    order = getattr(scheduler, "order", 1) or 1
+    if order == 1:
+        return total
+    left, done = _position(scheduler)
+    return min(total * order, left - done) if left else total * order
 
 
 @dataclass
@@ -126,6 +296,17 @@ class Context:
     shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
     state: dict = field(repr=False, default_factory=dict)  # per-run state of caching methods (per block)
     notes: dict = field(repr=False, default_factory=dict)  # site name -> why a method did not act (this run)
+    warned: set = field(repr=False, default_factory=set)  # warnings already given by this installation
+
+    def warn_once(self, key: Any, message: str) -> None:
+        """A UserWarning, given once per installation for each key."""
+        _warn_once(self.warned, key, message)
+
+
+def _warn_once(warned: set, key: Any, message: str) -> None:
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class Tracker:
@@ -137,11 +318,15 @@ class Tracker:
         self.cfg_override = cfg_batched
         self.adapter = adapter
         self.clock = clock
-        self._pipe_ref = weakref.ref(pipe) if pipe is not None else None
+        self.pipe = _PipeRef(pipe)
         self.ctx: Context | None = None
         self.last: Context | None = None
         self.log: dict[int, dict[str, tuple]] = {}  # step -> site -> (tokens, computed, keys/values)
         self.notes: dict[str, str] = {}  # site -> why a selected method did not act (last run)
+        self.warned: set = set()
+        # token methods in this run: those that changed some call, and why the others did not
+        self.acted: set[str] = set()
+        self.idle: dict[str, dict[str, int]] = {}  # method -> {reason: calls}
         self._log_run = -1
         self._cfg_run: tuple[int, int] | None = None
         self._cfg_batched = False
@@ -152,13 +337,36 @@ class Tracker:
         self._cache_run = -1
         self._cache_bytes = 0
         self.cache_peak_bytes = 0
-        clock.on_run_end.append(self.release)
+        clock.on_run_end.append(self.finish_run)
 
     def release(self) -> None:
         """Drop every cached output (at the end of each run, before a new one, and on removal)."""
         self.cache.clear()
         self.state.clear()
         self._cache_bytes = 0
+
+    def finish_run(self) -> None:
+        """The run's last step is done (or its loop was left): warn about a token method that acted
+        on no call of the run, and release the caches."""
+        for name, reasons in self.idle.items():
+            if name in self.acted:
+                continue
+            why = max(reasons, key=reasons.get) if reasons else ""
+            if why.startswith("cost model"):
+                why = (f"at its default strength the cost model found no site where it saves time ({why}); "
+                       f"an explicit strength acts anyway")
+            _warn_once(self.warned, ("idle", name), f"{name} acted on no site in this run: "
+                       f"{why or 'no call had image tokens it could locate'}; describe() says why per site")
+        self.release()
+
+    def record(self, method: MethodConfig, site: Site, acted: bool) -> None:
+        """Whether a token method changed a call (and if not, why, from the site's note)."""
+        if acted:
+            self.acted.add(method.name)
+        else:
+            reasons = self.idle.setdefault(method.name, {})
+            why = self.notes.get(site.name, "")
+            reasons[why] = reasons.get(why, 0) + 1
 
     def cache_bytes(self) -> int:
         return self._cache_bytes
@@ -172,13 +380,14 @@ class Tracker:
     def pre_hook(self, module, args, kwargs):
         clock = self.clock
         if clock.driven:
-            clock.follow_pipeline()
+            if not clock.loops:  # not inside a loop the clock knows: which pipeline is calling?
+                clock.locate(self.model)
         else:
             clock.step = clock.calls_in_step if clock.run else 0
+        pipe = clock.current() or self.pipe()
         if not clock.run:
-            clock.new_run(_count(getattr(clock.scheduler, "timesteps", None)))
+            clock.new_run(_count(getattr(getattr(pipe, "scheduler", None), "timesteps", None)))
         geometry, batch = self.adapter.geometry(args, kwargs)
-        pipe = self._pipe_ref() if self._pipe_ref is not None else None
         key = (clock.run, batch)
         if key != self._cfg_run:  # guidance cannot change inside a run: decide once
             if self.cfg_override is not None:
@@ -195,6 +404,7 @@ class Tracker:
             branch = "cond"
         if self._log_run != clock.run:
             self.log, self.notes, self._log_run = {}, {}, clock.run
+            self.acted, self.idle = set(), {}
         if self._cache_run != clock.run:  # a new run (or one after an interrupted run) starts empty
             self.release()
             self._cache_run, self.cache_peak_bytes = clock.run, 0
@@ -202,7 +412,7 @@ class Tracker:
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
-                           self.block_inputs, state=self.state, notes=self.notes)
+                           self.block_inputs, state=self.state, notes=self.notes, warned=self.warned)
         clock.calls_in_step += 1
         return None
 
@@ -210,7 +420,7 @@ class Tracker:
         self.last, self.ctx = self.ctx, None
         clock = self.clock
         if not clock.driven and clock.num_steps and self.last is not None and self.last.step + 1 >= clock.num_steps:
-            self.release()  # a bare denoiser's run ends with its last counted step
+            self.finish_run()  # a bare denoiser's run ends with its last counted step
         return None
 
 
@@ -252,8 +462,10 @@ class SiteHook:
     A caching method plans each call against its cache entry: "reuse" hands the cached output to the
     module's forward wrapper (`SkippableForward`), the module does not run, and no other method acts;
     "partial" lets the method rewrite the call to a subset of tokens whose outputs it writes into the
-    entry; "compute" runs the call in full and stores its output. Token methods rewrite the call, and
-    the post-hook restores the output."""
+    entry; "compute" (and "recompute", inside a cycle) runs the call in full and stores its output.
+    Token methods rewrite the call, and the post-hook restores the output. Methods may also ask for
+    contexts the sub-layer's forward runs in (`SiteCall.arounds`: ToDo's pooling inside attention,
+    the attention probes of token-wise caching)."""
 
     def __init__(self, site: Site, tracker: Tracker, methods: list[MethodConfig]):
         self.site = site
@@ -265,9 +477,9 @@ class SiteHook:
         self._params: list[dict | None] = []
         self._idle = True
         self._restores: list | None = None
-        self._store: tuple | None = None  # (cache key, signature, step, input) to store this call's output under
+        self._store: tuple | None = None  # (cache key, signature, step, until, input) to store this call's output under
         self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
-        self.around: Any = None  # set for the forward wrapper: a context the call runs in (`hits`: it acted)
+        self.arounds: tuple = ()  # set for the forward wrapper: contexts the call runs in
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
@@ -281,58 +493,53 @@ class SiteHook:
         return self._params
 
     def pre_hook(self, module, args, kwargs):
-        self._restores, self._store, self.reuse_output, self.around = None, None, None, None
+        self._restores, self._store, self.reuse_output, self.arounds = None, None, None, ()
         ctx = self.tracker.ctx
         if ctx is None:
             return None
-        self.update_params(ctx)
+        params = self.update_params(ctx)
         if self._idle:
             return None
+        site = self.site
         call = SiteCall(args, kwargs)
         n = call.hidden.shape[1]
-        partial = None
-        if self.caching is not None and self._params[self.caching] is not None:
-            method, params = self.methods[self.caching], self._params[self.caching]
-            cache_key = (ctx.branch, self.site.index)
+        caching = None
+        if self.caching is not None and params[self.caching] is not None:
+            method, p = self.methods[self.caching], params[self.caching]
+            cache_key = (ctx.branch, site.index)
             signature = (ctx.batch, ctx.geometry, tuple(call.hidden.shape))
             entry = self.tracker.cache.get(cache_key)
             if entry is not None and entry.signature != signature:
                 entry = None
-            plan = method.plan(self.site, ctx, params, entry, call) if entry is not None else "compute"
+            plan = method.plan(site, ctx, p, entry, call) if entry is not None else "compute"
             if plan == "reuse":
                 self.reuse_output = entry.output
-                ctx.log[self.site.name] = (n, 0, 0)
+                ctx.log[site.name] = (n, 0, 0)
                 return None
+            caching = (method, p, entry, plan)
+            if plan != "partial":  # "recompute" runs in full inside a cycle: the entry keeps the cycle
+                start, until = (entry.step, entry.until) if plan == "recompute" else \
+                    (ctx.step, method.cycle_end(ctx, p))
+                self._store = (cache_key, signature, start, until, call.hidden)
+        for method, p in zip(self.methods, params):
+            if p is not None and not method.caches:
+                self.tracker.record(method, site, bool(method.act(site, ctx, p, call)))
+        if caching is not None:
+            method, p, entry, plan = caching
             if plan == "partial":
-                partial = (method, params, entry)
-            else:  # "recompute" runs in full inside a cycle: the entry keeps the cycle's start step
-                start = entry.step if plan == "recompute" else ctx.step
-                self._store = (cache_key, signature, start, call.hidden)
-        active = [(m, p) for m, p in zip(self.methods, self._params) if p is not None and not m.caches]
-        if not active and partial is None:
-            if self._store is not None:
-                ctx.log[self.site.name] = (n, n, n)
-            return None
-        for method, params in active:
-            method.act(self.site, ctx, params, call)
-        if partial is not None:
-            method, params, entry = partial
-            method.refresh(self.site, ctx, params, entry, call)
-        ctx.log[self.site.name] = (n, call.hidden.shape[1], call.keys_values or n)
-        self.around = call.around
-        if not call.reduced and call.keys_values is None:
-            return None
-        self._restores = call.restores
-        return tuple(call.args), call.kwargs
+                method.refresh(site, ctx, p, entry, call)
+            else:
+                method.prepare_compute(site, ctx, p, call)
+        ctx.log[site.name] = (n, call.hidden.shape[1], call.keys_values or n)
+        self.arounds = tuple(call.arounds)
+        self._restores = call.restores or None
+        if call.reduced or call.keys_values is not None:
+            return tuple(call.args), call.kwargs
+        return None
 
     def post_hook(self, module, args, kwargs, output):
         restores, self._restores = self._restores, None
-        around, self.around = self.around, None
-        ctx = self.tracker.ctx
-        if around is not None and not around.hits and ctx is not None:  # the attention ran elsewhere
-            n, computed, _ = ctx.log[self.site.name]
-            ctx.log[self.site.name] = (n, computed, n)
-            ctx.notes[self.site.name] = "its attention backend does not call scaled_dot_product_attention: keys/values not pooled"
+        self.arounds = ()
         if self.reuse_output is not None:
             self.reuse_output = None
             return None
@@ -340,9 +547,9 @@ class SiteHook:
             for restore in reversed(restores):
                 output = restore(output)
         if self._store is not None:
-            key, signature, step, hidden = self._store
+            key, signature, step, until, hidden = self._store
             self._store = None
-            entry = CacheEntry(output, step, signature)
+            entry = CacheEntry(output, step, signature, until)
             ctx = self.tracker.ctx
             if ctx is not None:
                 method = self.methods[self.caching]
@@ -362,7 +569,7 @@ class BlockReuseHook:
         self.tracker = tracker
         self.site_hooks = site_hooks
         self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
-        self.around: Any = None  # (SkippableForward's interface: blocks run in no context)
+        self.arounds: tuple = ()  # (SkippableForward's interface: blocks run in no context)
         self._store: tuple | None = None
 
     def pre_hook(self, module, args, kwargs):
@@ -410,18 +617,16 @@ class BlockReuseHook:
         return None
 
 
-_MISSING = object()
-
-
 class SkippableForward:
     """Stands in for a module's `forward` (an instance attribute over the class's method) so that a
-    call can return a cached output without running, or run inside a context a method set up (ToDo's
-    PooledAttention); otherwise it calls the forward it replaced. `remove` puts back exactly what was
-    there (another library's forward wrapper included)."""
+    call can return a cached output without running, or run inside contexts the methods set up;
+    otherwise it calls the forward it replaced. `remove` puts back exactly what was there (another
+    library's forward wrapper included)."""
 
-    def __init__(self, module: torch.nn.Module, hook: SiteHook):
+    def __init__(self, module: torch.nn.Module, hook: SiteHook | BlockReuseHook):
         self.module, self.hook = module, hook
-        self.previous = module.__dict__.get("forward", _MISSING)
+        self.had_previous = "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
         self.inner = module.forward
         module.forward = self
 
@@ -429,15 +634,17 @@ class SkippableForward:
         out = self.hook.reuse_output
         if out is not None:
             return out
-        around = self.hook.around
-        if around is not None:
-            with around:
+        arounds = self.hook.arounds
+        if arounds:
+            with contextlib.ExitStack() as stack:
+                for around in arounds:
+                    stack.enter_context(around)
                 return self.inner(*args, **kwargs)
         return self.inner(*args, **kwargs)
 
     def remove(self) -> None:
         if self.module.__dict__.get("forward") is self:
-            if self.previous is _MISSING:
-                del self.module.__dict__["forward"]
-            else:
+            if self.had_previous:
                 self.module.__dict__["forward"] = self.previous
+            else:
+                del self.module.__dict__["forward"]

@@ -33,6 +33,12 @@ class Site:
     layout: str = "image"
     index: int = 0  # position among all sites of the denoiser
     blocks: int = 1  # number of blocks of the denoiser that have sites (depths are 0 .. blocks - 1)
+    # The block list the site's block belongs to (Flux: "transformer_blocks" or
+    # "single_transformer_blocks"; "" where a family has one stack), the block's index in it and the
+    # number of blocks with sites in it
+    stream: str = ""
+    stream_depth: int = 0
+    stream_blocks: int = 1
     note: str = ""  # why a site cannot host token methods, when it cannot
     # The argument carrying rotary position embeddings (cos, sin) of the tokens, as (keyword, position
     # in the forward call): token methods gather them with the tokens they keep.
@@ -59,6 +65,12 @@ class Geometry:
     text_tokens: int = 0  # text tokens in joint sequences
     text_first: bool = False  # joint order: [text, image] when True, [image, text] otherwise
     frame_span: int = 1  # video frames one token row spans in time (VAE temporal compression x patch)
+    pixels: int = 8  # image pixels one token spans per side at downsample 1 (VAE scale x patch)
+
+    @property
+    def pixel_area(self) -> int:
+        """Pixels of one frame of the image the denoiser is generating."""
+        return self.height * self.width * self.pixels ** 2
 
     @property
     def image_tokens(self) -> int:

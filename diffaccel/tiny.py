@@ -110,12 +110,12 @@ def _sdxl(seed: int) -> TinyCase:
 # -- image DiTs -------------------------------------------------------------------------------
 
 
-def _pixart(seed: int) -> TinyCase:
+def _pixart(seed: int, num_layers: int = 2) -> TinyCase:
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     _seeded(seed)
     tr = PixArtTransformer2DModel(
-        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        sample_size=32, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
         in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
@@ -170,11 +170,11 @@ def _sd3(seed: int, dual: bool = False) -> TinyCase:
     return TinyCase("sd35" if dual else "sd3", _quiet(pipe), call, 256, 192, True)
 
 
-def _flux(seed: int) -> TinyCase:
+def _flux(seed: int, num_layers: int = 1, num_single_layers: int = 1) -> TinyCase:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     _seeded(seed)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                 pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
@@ -293,18 +293,20 @@ def _ltx(seed: int) -> TinyCase:
     return TinyCase("ltx", _quiet(pipe), call, 512, 384, True)
 
 
-_BUILDERS: dict[str, Callable[[int], TinyCase]] = {
+_BUILDERS: dict[str, Callable[..., TinyCase]] = {
     "sd1": _sd1, "sdxl": _sdxl, "pixart": _pixart, "dit": _dit, "sd3": _sd3,
     "sd35": lambda s: _sd3(s, dual=True), "flux": _flux, "cogvideox": _cogvideox, "wan": _wan,
     "wan22": lambda s: _wan(s, two=True), "hunyuan_video": _hunyuan, "ltx": _ltx,
 }
 
 
-def tiny_case(family: str, seed: int = 0) -> TinyCase:
-    """A tiny random-weight pipeline of `family` (one of FAMILIES) and how to call it."""
+def tiny_case(family: str, seed: int = 0, **depth: int) -> TinyCase:
+    """A tiny random-weight pipeline of `family` (one of FAMILIES) and how to call it. `depth`: block
+    counts of the denoiser where its builder takes them (pixart: num_layers; flux: num_layers,
+    num_single_layers), for schedules that depend on the depth."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; available: {list(FAMILIES)}")
-    return _BUILDERS[family](seed)
+    return _BUILDERS[family](seed, **depth)
 
 
 # -- the embedded default: a complete text-to-image pipeline, no downloads ----------------------

@@ -72,17 +72,21 @@ def expand_rows(idx: torch.Tensor, batch: int) -> torch.Tensor:
 class TokenReduction:
     """Sources either kept, or folded into a destination (mean merge) or dropped (prune).
 
-    reduce(x) -> [kept sources, destinations]; restore(y) puts each token back at its place and
-    gives folded sources the output of their destination.
+    reduce(x) -> [kept sources, destinations]; restore(y) puts each token back at its place and gives
+    each folded source the output of the reduced token it is restored from (its destination, unless
+    `source` names another).
     """
 
     def __init__(self, n: int, dst_idx: torch.Tensor, keep_idx: torch.Tensor, fold_idx: torch.Tensor,
-                 fold_target: torch.Tensor):
+                 fold_target: torch.Tensor, source: torch.Tensor | None = None):
         self.n = n
         self.dst_idx = dst_idx  # (B', Nd) token positions of destinations
         self.keep_idx = keep_idx  # (B', Nk) token positions of sources kept as they are
         self.fold_idx = fold_idx  # (B', r) token positions of folded sources
-        self.fold_target = fold_target  # (B', r) index into the destinations
+        self.fold_target = fold_target  # (B', r) index into the destinations (where a merge averages them)
+        # (B', r) index into the reduced sequence [kept sources, destinations]: what each folded source
+        # is restored from
+        self.source = fold_target + keep_idx.shape[1] if source is None else source
 
     @property
     def kept(self) -> int:
@@ -90,7 +94,7 @@ class TokenReduction:
 
     def expand(self, batch: int) -> TokenReduction:
         return TokenReduction(self.n, *(expand_rows(t, batch) for t in
-                                        (self.dst_idx, self.keep_idx, self.fold_idx, self.fold_target)))
+                                        (self.dst_idx, self.keep_idx, self.fold_idx, self.fold_target, self.source)))
 
     def reduce(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """mode "mean": folded sources are averaged into their destination; "drop": they are dropped."""
@@ -110,11 +114,10 @@ class TokenReduction:
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
         nk = self.keep_idx.shape[1]
-        kept, dst = y[:, :nk], y[:, nk:]
         out = y.new_empty(y.shape[0], self.n, y.shape[-1])
-        scatter_tokens(out, self.keep_idx, kept)
-        scatter_tokens(out, self.dst_idx, dst)
-        scatter_tokens(out, self.fold_idx, gather_tokens(dst, self.fold_target))
+        scatter_tokens(out, self.keep_idx, y[:, :nk])
+        scatter_tokens(out, self.dst_idx, y[:, nk:])
+        scatter_tokens(out, self.fold_idx, gather_tokens(y, self.source))
         return out
 
 
@@ -155,14 +158,17 @@ def bipartite_soft_matching_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy
 def similarity_pruning_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
                           noise: float = 0.0, generator: torch.Generator | None = None, frames: int = 1,
                           st: int = 1) -> TokenReduction:
-    """SiTo: score each token by its summed cosine similarity to all tokens (plus noise), keep the
-    highest-scoring token of each cell (sy x sx, x st frames) as a base, prune the r other tokens
-    most similar to a base. `noise` is the standard deviation of Gaussian noise added to the (mean)
-    similarity score. The summed similarity is x_i . sum_j x_j, so no N x N matrix is formed."""
+    """SiTo: score each token by the sum of its cosine similarities to all tokens plus `noise` times
+    standard Gaussian noise, keep the highest-scoring token of each cell (sy x sx, x st frames) as a
+    base, prune the r other tokens most similar to a base; each pruned token is restored from its most
+    similar kept token (a base or a kept source), as SiTo's code does. The noise is one draw per token
+    shared by every batch row, so an image never depends on what else is in its batch. The summed
+    similarity is x_i . sum_j x_j and the matchings run in tiles, so no N x N matrix is formed."""
     unit = F.normalize(metric, dim=-1)
-    score = (unit @ unit.sum(dim=1, keepdim=True).transpose(-1, -2)).squeeze(-1) / metric.shape[1]
+    score = (unit @ unit.sum(dim=1, keepdim=True).transpose(-1, -2)).squeeze(-1)
     if noise:
-        rand = torch.randn(score.shape, generator=generator, device=generator.device if generator else None)
+        rand = torch.randn((1, score.shape[1]), generator=generator,
+                           device=generator.device if generator else None)
         score = score + noise * rand.to(score.device, score.dtype)
     fst, hsy, wsx = frames // st, h // sy, w // sx
     cells = score.view(-1, frames, h, w)[:, : fst * st, : hsy * sy, : wsx * sx]
@@ -170,27 +176,47 @@ def similarity_pruning_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int
     choice = cells.reshape(-1, fst, hsy, wsx, st * sy * sx).argmax(dim=-1)
     dst_idx, src_idx = cell_partition(h, w, sx, sy, choice, frames, st)
     r = min(r, src_idx.shape[1])
-    return _fold_most_similar(unit, dst_idx, src_idx, r, frames * h * w, normalized=True)
+    pruned = _fold_most_similar(unit, dst_idx, src_idx, r, frames * h * w, normalized=True)
+    if not r:
+        return pruned
+    kept = torch.cat([pruned.keep_idx, pruned.dst_idx], dim=1)  # the reduced sequence's order
+    _, source = best_match(gather_tokens(unit, pruned.fold_idx), gather_tokens(unit, kept))
+    return TokenReduction(pruned.n, pruned.dst_idx, pruned.keep_idx, pruned.fold_idx, pruned.fold_target, source)
 
 
-def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mode: str = "nearest",
+POOL_MODES = ("nearest-exact", "nearest", "bilinear", "bicubic", "avg", "max")
+
+
+def _resize(g: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
+    """(N, C, *grid) -> (N, C, *size): interpolated ("nearest-exact", "nearest", "bilinear" / "linear",
+    "bicubic") or pooled over adaptive windows ("avg", "max")."""
+    if mode == "avg":
+        return (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)[g.ndim - 3](g, size)
+    if mode == "max":
+        return (F.adaptive_max_pool1d, F.adaptive_max_pool2d)[g.ndim - 3](g, size)
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(g, size=size, mode=mode if g.ndim == 4 else "linear", align_corners=False)
+    return F.interpolate(g, size=size, mode=mode)
+
+
+def pool_tokens(x: torch.Tensor, frames: int, h: int, w: int, factor: float, mode: str = "nearest-exact",
                 factor_t: float = 1.0) -> torch.Tensor:
     """ToDo: downsample (B, F*h*w, C) grid tokens by `factor` in height and width (and by `factor_t`
-    over frames) -> (B, F'*h'*w', C). Odd sizes keep their last row/column/frame."""
+    over frames) -> (B, F'*h'*w', C), with one of POOL_MODES. Odd sizes keep their last row, column or
+    frame. Over frames the same mode runs along time after the spatial pass (both are separable:
+    the same as a 3-D resize; bilinear and bicubic are linear in time)."""
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool mode must be one of {list(POOL_MODES)}, got {mode!r}")
     b, n, c = x.shape
     size = (math.ceil(h / factor), math.ceil(w / factor))
-    if factor_t > 1 and frames > 1:  # one (frames, h, w) volume per row
-        size = (math.ceil(frames / factor_t), *size)
-        grid = x.reshape(b, frames, h, w, c).movedim(-1, 1)
-        avg, top = F.adaptive_avg_pool3d, F.adaptive_max_pool3d
-    else:  # each frame on its own
-        grid = x.reshape(b * frames, h, w, c).movedim(-1, 1)
-        avg, top = F.adaptive_avg_pool2d, F.adaptive_max_pool2d
-    ops = {"nearest": lambda g: F.interpolate(g, size=size, mode="nearest-exact"),
-           "avg": lambda g: avg(g, size), "max": lambda g: top(g, size)}
-    if mode not in ops:
-        raise ValueError(f"pool mode must be one of {list(ops)}, got {mode!r}")
-    return ops[mode](grid).movedim(1, -1).reshape(b, -1, c)
+    grid = x.reshape(b * frames, h, w, c).movedim(-1, 1)  # each frame on its own
+    out = _resize(grid, size, mode).movedim(1, -1)  # (B*F, h', w', C)
+    if factor_t > 1 and frames > 1:
+        t = math.ceil(frames / factor_t)
+        seq = out.reshape(b, frames, -1, c).permute(0, 2, 3, 1).reshape(-1, c, frames)  # time last
+        seq = _resize(seq, (t,), mode)
+        return seq.reshape(b, -1, c, t).permute(0, 3, 1, 2).reshape(b, -1, c)
+    return out.reshape(b, -1, c)
 
 
 # -- image tokens inside longer sequences ----------------------------------------------------------
@@ -286,3 +312,66 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
                     return func(q, k2, v2, m2, *values[4:], **kwargs)
             return func(*values, **kwargs)
         return func(*args, **kwargs)
+
+
+# Elements of one attention-probability tile (queries x keys x heads) per batch row in AttentionProbe.
+PROBE_TILE = 1 << 22
+
+
+class AttentionProbe(torch.overrides.TorchFunctionMode):
+    """Reads one statistic of the first scaled_dot_product_attention call made while it is active, from
+    the queries, keys and values the processor really used (after its norms and rotary embedding),
+    and lets the call run unchanged. Token-wise caching scores tokens with it:
+
+        "received"  attention each key token receives: softmax probabilities summed over the queries,
+                    averaged over heads -> (B, keys)  (self-attention; computed in query tiles, so no
+                    queries x keys map is held beyond PROBE_TILE elements a batch row)
+        "vnorm"     per-head value norms n_h, as sum_h (1 - n_h) -> (B, keys)  (DuCa's score: larger for
+                    smaller norms)
+        "entropy"   entropy of each query's attention over the keys, of the head-averaged probabilities
+                    -> (B, queries)  (cross-attention over the text: ToCa's PixArt score)
+
+    `result` holds the statistic (float32) once a call was seen, else None."""
+
+    STATS = ("received", "vnorm", "entropy")
+
+    def __init__(self, stat: str):
+        super().__init__()
+        if stat not in self.STATS:
+            raise ValueError(f"probe statistic must be one of {list(self.STATS)}, got {stat!r}")
+        self.stat = stat
+        self.result: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.result is None:
+            names = ("query", "key", "value", "attn_mask")
+            values = list(args) + [kwargs[k] for k in names[len(args):] if k in kwargs]
+            q, k, v = values[:3]
+            mask = values[3] if len(values) > 3 else None
+            if q.ndim == 4 and k.ndim == 4 and not kwargs.get("is_causal", False):
+                with torch.no_grad():
+                    self.result = self._measure(q, k, v, mask, kwargs.get("scale"))
+        return func(*args, **kwargs)
+
+    def _measure(self, q, k, v, mask, scale) -> torch.Tensor:
+        if self.stat == "vnorm":
+            return (1 - v.float().norm(dim=-1)).sum(dim=1)  # (B, H, L) -> (B, L)
+        b, heads, nq, d = q.shape
+        scale = scale if scale is not None else 1 / math.sqrt(d)
+        kt = k.float().transpose(-1, -2)
+        rows = max(1, PROBE_TILE // max(1, k.shape[-2] * heads))
+        parts = []
+        for start in range(0, nq, rows):
+            logits = q[:, :, start:start + rows].float() @ kt * scale
+            if mask is not None:
+                m = mask[..., start:start + rows, :] if mask.ndim >= 2 and mask.shape[-2] == nq else mask
+                logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+            p = torch.softmax(logits, dim=-1).mean(dim=1)  # (B, rows, keys), averaged over heads
+            if self.stat == "received":
+                parts.append(p.sum(dim=1))
+            else:
+                parts.append(-(p * torch.log(p + 1e-7)).sum(dim=-1))
+        if self.stat == "received":
+            return torch.stack(parts).sum(dim=0)
+        return torch.cat(parts, dim=1)

@@ -25,8 +25,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (
 # Pipeline attributes that hold denoisers, in the order pipelines call them.
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 
-__all__ = ["ADAPTERS", "CFG_LAYOUTS", "DENOISER_ATTRS", "Adapter", "UnsupportedModelError", "adapter_for",
-           "supported_families"]
+__all__ = ["ADAPTERS", "CFG_LAYOUTS", "DENOISER_ATTRS", "REFUSED", "Adapter", "UnsupportedModelError", "adapter_for",
+           "supported_families", "unwrap"]
 
 
 class UnsupportedModelError(TypeError):
@@ -40,13 +40,39 @@ def supported_families() -> list[str]:
     return names
 
 
+# Denoisers that hold BasicTransformerBlocks (so the generic adapter would take them) whose tokens are
+# not one image grid per call: accepting them would leave the token methods acting nowhere, silently.
+REFUSED = {
+    "UNetMotionModel": "AnimateDiff's motion U-Net runs frames as a batch with temporal transformers between them",
+    "UNet3DConditionModel": "a text-to-video U-Net that runs frames as a batch with temporal transformers",
+    "UNetSpatioTemporalConditionModel": "Stable Video Diffusion's U-Net runs frames as a batch with temporal "
+                                        "transformers",
+    "I2VGenXLUNet": "a video U-Net that runs frames as a batch with temporal transformers",
+}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile` wrapper (OptimizedModule) compiles, or the module itself."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The family adapter of a denoiser (seen through a torch.compile wrapper). Raises
+    UnsupportedModelError for a model of no supported family, or one whose family would leave every
+    method acting nowhere."""
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(
             f"expected a diffusers pipeline or denoiser module, got {type(model).__name__}; "
             f"supported families: {', '.join(supported_families())}")
-    for cls in ADAPTERS:
-        if cls.matches(model):
-            return cls(model)
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not a supported denoiser; supported families: {', '.join(supported_families())}")
+    model = unwrap(model)
+    name = type(model).__name__
+    why = next((r for c in type(model).__mro__ if (r := REFUSED.get(c.__name__))), None)
+    if why is None:
+        adapter = next((cls(model) for cls in ADAPTERS if cls.matches(model)), None)
+        if adapter is not None and adapter.find_sites():
+            return adapter
+        why = "it has no transformer blocks a family adapter knows (Kandinsky 2.x's U-Net, for one, attends " \
+              "with added text keys and values instead)" if adapter is not None else "it is not a supported denoiser"
+    raise UnsupportedModelError(f"{name}: {why}; supported families: {', '.join(supported_families())}")

@@ -37,6 +37,7 @@ class Adapter:
     cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
     input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
     temporal_compression: ClassVar[int] = 1  # video frames per latent frame of the family's VAE
+    spatial_compression: ClassVar[int] = 8  # image pixels per latent pixel (per side) of the family's VAE
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -60,8 +61,10 @@ class Adapter:
                 for child, (kind, layout, *rope) in children.items():
                     module = getattr(block, child, None)
                     if isinstance(module, torch.nn.Module):
-                        sites.append(self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout,
-                                                    rope=rope[0] if rope else None))
+                        site = self.make_site(f"{path}.{i}.{child}", kind, module, f"{path}.{i}", depth, layout,
+                                              rope=rope[0] if rope else None)
+                        site.stream = path
+                        sites.append(site)
                 depth += 1
         return _number(sites)
 
@@ -85,7 +88,8 @@ class Adapter:
             pt, ph, pw = (cfg.get("patch_size_t", 1) or 1), p, p
         frames = x.shape[frames_dim] // pt if frames_dim is not None else 1
         span = self.temporal_compression * pt if frames_dim is not None else 1
-        return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first, span)
+        return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first, span,
+                        ph * self.spatial_compression)
 
     def is_cfg_batched(self, pipe: Any, args: tuple, kwargs: dict, batch: int) -> bool:
         """Whether this call carries batched [uncond, cond] rows."""
@@ -110,7 +114,14 @@ def _has_submodule(model: torch.nn.Module, path: str) -> bool:
 
 
 def _number(sites: list[Site]) -> list[Site]:
+    """Index the sites in execution order and count blocks, over the model and within each stream."""
     blocks = 1 + max((s.depth for s in sites), default=0)
+    streams: dict[str, list[str]] = {}
+    for s in sites:
+        order = streams.setdefault(s.stream, [])
+        if s.block not in order:
+            order.append(s.block)
     for i, s in enumerate(sites):
         s.index, s.blocks = i, blocks
+        s.stream_depth, s.stream_blocks = streams[s.stream].index(s.block), len(streams[s.stream])
     return sites

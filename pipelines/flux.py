@@ -46,4 +46,6 @@ class FluxAdapter(Adapter):
                 rows, cols = (ids[:, 1:3].amax(dim=0) + 1).tolist()
                 self._ids_key, self._ids_grid = key, (int(rows), int(cols))
             h, w = self._ids_grid
-        return Geometry(1, h, w, text.shape[1] if text is not None else 0, True), x.shape[0]
+        # packed latents: one token is a 2 x 2 patch of the VAE's latent
+        return Geometry(1, h, w, text.shape[1] if text is not None else 0, True,
+                        pixels=2 * self.spatial_compression), x.shape[0]

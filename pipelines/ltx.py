@@ -11,6 +11,7 @@ class LTXVideoAdapter(Adapter):
     family = "LTX-Video"
     model_classes = ("LTXVideoTransformer3DModel",)
     temporal_compression = 8
+    spatial_compression = 32
     blocks = (("transformer_blocks", {"attn1": ("self_attn", "rope", ("image_rotary_emb", 3)), "attn2": ("cross_attn", "image"),
                                       "ff": ("ff", "image")}),)
 
@@ -21,4 +22,5 @@ class LTXVideoAdapter(Adapter):
             return None, x.shape[0]
         cfg = self.model.config
         p, pt = cfg.get("patch_size", 1) or 1, cfg.get("patch_size_t", 1) or 1
-        return Geometry(f // pt, h // p, w // p, frame_span=self.temporal_compression * pt), x.shape[0]
+        return Geometry(f // pt, h // p, w // p, frame_span=self.temporal_compression * pt,
+                        pixels=p * self.spatial_compression), x.shape[0]

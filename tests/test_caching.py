@@ -30,7 +30,7 @@ def test_fora_reuses_the_stored_output_and_skips_the_sublayer(make_case, interva
     case.run(steps=steps)
     for h in handles:
         h.remove()
-    computed = [s for s in range(steps) if s % interval == 0]
+    computed = [s for s in range(steps) if s % interval == 0 or s == steps - 1]  # FORA's code computes the last
     assert st.hooks and all(len(o) == steps for o in outs.values())
     for name, seq in outs.items():
         assert calls[name] == len(computed), name  # the sub-layer's own modules ran on computed steps only
@@ -186,4 +186,15 @@ def test_bare_denoiser_of_a_separate_cfg_family_is_one_branch(make_case):
     for args, kwargs in calls:
         transformer(*args, **kwargs)
     log = describe(transformer)["denoisers"][0]["sites"][0]["last_run"]
-    assert [log[s]["computed"] == 0 for s in range(4)] == [False, True, False, True]
+    assert [log[s]["computed"] == 0 for s in range(4)] == [False, True, False, False]  # the last is computed
+
+
+@pytest.mark.parametrize("steps,computed", [(7, [0, 3, 6]), (8, [0, 3, 6, 7]), (5, [0, 3, 4])])
+def test_fora_computes_the_last_step(make_case, steps, computed):
+    """FORA's code computes the run's last step whatever the interval: its output becomes the image."""
+    case = make_case("pixart")
+    accelerate_pipeline(case.pipe, "fora", interval=3)
+    case.run(steps=steps)
+    for site in describe(case.pipe)["denoisers"][0]["sites"]:
+        log = site["last_run"]
+        assert [s for s in range(steps) if log[s]["computed"]] == computed, site["name"]

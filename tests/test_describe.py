@@ -53,7 +53,7 @@ def test_describe_reports_why_sites_are_skipped(make_case):
     assert den["family"] == "Flux" and den["cfg_layout"] == "separate"
     assert den["last_call"]["branch"] == "uncond"  # true CFG: the second call of the step
     assert den["last_call"]["geometry"] == {"frames": 1, "height": 32, "width": 32, "text_tokens": 8,
-                                            "text_first": True, "frame_span": 1}
+                                            "text_first": True, "frame_span": 1, "pixels": 16}
     attn = [s for s in den["sites"] if s["kind"] == "self_attn"]
     assert attn and all(s["methods"]["todo"]["acts"] and s["last_run_note"] is None for s in attn)
     assert all(v["keys_values"] < v["tokens"] for s in attn for v in s["last_run"].values())

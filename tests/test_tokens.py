@@ -72,23 +72,51 @@ def test_tome_zero_ratio_is_identity_and_unmerge_copies_destination():
     assert torch.equal(out[0, red.fold_idx[0]], dst_vals[0, red.fold_target[0]])
 
 
+def sito_dense_reference(x, h, w, r, noise):
+    """SiTo's code with its N x N cosine graph (sito.py, prune_and_recover_tokens): score = summed
+    similarity + noise; one base per 2 x 2 cell (its max score); the r non-base tokens most similar to
+    a base are pruned; each pruned token is recovered from its most similar kept token."""
+    unit = F.normalize(x, dim=-1)
+    graph = unit @ unit.transpose(1, 2)
+    score = graph.sum(-1) + noise
+    cells = score.view(-1, h // 2, 2, w // 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, h * w // 4, 4)
+    dst, src = cell_partition(h, w, 2, 2, cells.argmax(-1).view(-1, h // 2, w // 2))
+    dst, src = dst.expand(x.shape[0], -1), src.expand(x.shape[0], -1)
+    to_base = graph.gather(1, src[..., None].expand(-1, -1, h * w)).gather(2, dst[:, None].expand(-1, src.shape[1], -1))
+    order = to_base.max(-1).values.argsort(-1, descending=True)
+    pruned, unpruned = src.gather(1, order[:, :r]), src.gather(1, order[:, r:])
+    kept = torch.cat([unpruned, dst], 1)
+    source = graph.gather(1, pruned[..., None].expand(-1, -1, h * w)).gather(2, kept[:, None].expand(-1, r, -1))
+    return dst, pruned, kept.gather(1, source.argmax(-1))
+
+
 def test_sito_scores_without_nxn_match_dense_reference():
     x = _x(2, 256, 16, 5)
-    red = similarity_pruning_2d(x, 16, 16, 2, 2, 100, noise=0.0)
-    unit = F.normalize(x, dim=-1)
-    dense = (unit @ unit.transpose(1, 2)).mean(-1)  # reference: N x N similarity, summed
-    cells = dense.view(2, 8, 2, 8, 2).permute(0, 1, 3, 2, 4).reshape(2, 64, 4)
-    # the base token of each cell is the dense score's argmax within the cell
-    choice = cells.argmax(-1)
-    dst, _ = cell_partition(16, 16, 2, 2, choice.view(2, 8, 8))
+    noise = 0.1 * torch.randn((1, 256), generator=torch.Generator().manual_seed(7))
+    red = similarity_pruning_2d(x, 16, 16, 2, 2, 100, noise=0.1, generator=torch.Generator().manual_seed(7))
+    dst, pruned, restored_from = sito_dense_reference(x, 16, 16, 100, noise)
     assert torch.equal(red.dst_idx, dst)
+    assert torch.equal(red.fold_idx.sort(1).values, pruned.sort(1).values)
     y = red.reduce(x, "drop")
     assert y.shape[1] == 256 - 100
     out = red.restore(y)
-    base = y[:, -64:]
-    assert torch.equal(out[1, red.fold_idx[1]], base[1, red.fold_target[1]])
+    # each pruned token took the input-side value of its most similar kept token (a base or not)
+    for b in range(2):
+        for i, token in enumerate(pruned[b]):
+            assert torch.equal(out[b, token], x[b, restored_from[b, i]])
+    from_base = torch.isin(restored_from, dst).float().mean()
+    assert 0.3 < from_base < 0.95  # kept non-base tokens serve too, as in SiTo's code
     kept = torch.cat([red.keep_idx, red.dst_idx], 1)
     assert torch.equal(out.gather(1, kept[..., None].expand(-1, -1, 16)), x.gather(1, kept[..., None].expand(-1, -1, 16)))
+
+
+def test_sito_noise_does_not_depend_on_the_batch():
+    """Each row's reduction is the one it gets alone: the noise is one draw per token, shared."""
+    x = _x(3, 256, 16, 9)
+    together = similarity_pruning_2d(x, 16, 16, 2, 2, 100, 0.1, torch.Generator().manual_seed(3))
+    for b in range(3):
+        alone = similarity_pruning_2d(x[b:b + 1], 16, 16, 2, 2, 100, 0.1, torch.Generator().manual_seed(3))
+        assert torch.equal(alone.fold_idx[0], together.fold_idx[b]) and torch.equal(alone.source[0], together.source[b])
 
 
 def test_sito_noise_is_seeded():
@@ -98,7 +126,7 @@ def test_sito_noise_is_seeded():
     assert torch.equal(a.dst_idx, b.dst_idx) and torch.equal(a.fold_idx, b.fold_idx)
 
 
-@pytest.mark.parametrize("mode", ["nearest", "avg", "max"])
+@pytest.mark.parametrize("mode", ["nearest-exact", "nearest", "bilinear", "bicubic", "avg", "max"])
 @pytest.mark.parametrize("frames,h,w,f,expect", [(1, 16, 16, 2, 64), (1, 15, 9, 2, 40), (2, 8, 8, 2, 32),
                                                   (1, 12, 12, 3, 16), (1, 16, 16, 1.5, 121)])
 def test_pool_tokens_shapes(mode, frames, h, w, f, expect):
@@ -110,8 +138,12 @@ def test_pool_tokens_values():
     x = torch.arange(16.0).view(1, 16, 1)  # 4x4 grid
     assert pool_tokens(x, 1, 4, 4, 2, "avg").flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
     assert pool_tokens(x, 1, 4, 4, 2, "max").flatten().tolist() == [5.0, 7.0, 13.0, 15.0]
-    with pytest.raises(ValueError, match="nearest"):
-        pool_tokens(x, 1, 4, 4, 2, "bilinear")
+    assert pool_tokens(x, 1, 4, 4, 2, "nearest-exact").flatten().tolist() == [5.0, 7.0, 13.0, 15.0]
+    assert pool_tokens(x, 1, 4, 4, 2, "nearest").flatten().tolist() == [0.0, 2.0, 8.0, 10.0]
+    assert pool_tokens(x, 1, 4, 4, 2, "bilinear").flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_tokens(x, 1, 4, 4, 2, "bicubic").shape == (1, 4, 1)
+    with pytest.raises(ValueError, match=r"one of \['nearest-exact', 'nearest', 'bilinear', 'bicubic', 'avg', 'max'\]"):
+        pool_tokens(x, 1, 4, 4, 2, "linear")
 
 
 @pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True}, {"ratio": 0.7}])

@@ -235,3 +235,91 @@ def test_bare_denoiser_told_about_cfg_pairs_shares_the_selection(make_case):
         unet(x, t, ctx)
     handle.remove()
     assert seen and torch.equal(seen[0].keep_idx[0], seen[0].keep_idx[1])
+
+
+def four_level_unet():
+    """SD 1.5's layout (attention at the first three of four levels and the mid-block: 16 transformer
+    blocks) at test width."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16, 32, 32), layers_per_block=2, sample_size=32, cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("max_downsample", [1, 2, 4, 8])
+def test_max_downsample_selects_the_blocks_tomesd_selects(max_downsample):
+    """tomesd's max_downsample is a downsample factor (1, 2, 4, 8): merge the blocks whose token grid
+    is at most that much smaller than the latent's. Ours selects the same self-attentions."""
+    import tomesd
+
+    unet = four_level_unet()
+    x, t, ctx = torch.randn(2, 4, 32, 32), torch.tensor([500]), torch.randn(2, 8, 16)
+    attn1 = {n: m for n, m in unet.named_modules() if n.endswith("attn1")}
+
+    def merged(run):
+        seen, handles = {}, []
+        for name, m in attn1.items():
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, a, k, name=name: seen.__setitem__(name, (a[0] if a else k["hidden_states"]).shape[1]),
+                with_kwargs=True))
+        with torch.no_grad():
+            run()
+        for h in handles:
+            h.remove()
+        return seen
+
+    full = merged(lambda: unet(x, t, ctx))
+    tomesd.apply_patch(unet, ratio=0.5, max_downsample=max_downsample, use_rand=False)
+    theirs = merged(lambda: unet(x, t, ctx))
+    tomesd.remove_patch(unet)
+    accelerate_pipeline(unet, "tome", ratio=0.5, max_downsample=max_downsample, use_rand=False)
+    ours = merged(lambda: unet(x, t, ctx))
+    remove_acceleration(unet)
+    chosen = {n for n in attn1 if theirs[n] < full[n]}
+    assert chosen == {n for n in attn1 if ours[n] < full[n]}
+    assert len(chosen) == {1: 5, 2: 10, 4: 15, 8: 16}[max_downsample]  # 5 blocks a level, 1 in the mid-block
+
+
+def test_reference_argument_names_port_unchanged(make_case):
+    """tomesd's apply_patch arguments, SiTo's and ToDo's names are accepted as they are."""
+    import inspect
+
+    import tomesd
+
+    names = [p for p in inspect.signature(tomesd.apply_patch).parameters if p != "model"]
+    tomesd_call = {"ratio": 0.4, "max_downsample": 2, "sx": 2, "sy": 2, "use_rand": False, "merge_attn": True,
+                   "merge_crossattn": False, "merge_mlp": False}
+    assert sorted(names) == sorted(tomesd_call)
+    pairs = [("tome", tomesd_call, tomesd_call),
+             ("sito", {"prune_ratio": 0.4, "max_downsample_ratio": 2, "noise_alpha": 0.2, "prune_selfattn_flag": True,
+                       "prune_crossattn_flag": False, "prune_mlp_flag": True},
+              {"ratio": 0.4, "max_downsample": 2, "noise": 0.2, "prune_attn": True, "prune_crossattn": False,
+               "prune_mlp": True}),
+             ("todo", {"downsample_factor": 3, "downsample_method": "avg", "downsample_factor_level_2": 2},
+              {"factor": 3, "mode": "avg", "level_factors": {1: 2}})]
+    for method, theirs, ours in pairs:
+        a, b = make_case("sd1"), make_case("sd1")
+        accelerate_pipeline(a.pipe, method, **theirs)
+        accelerate_pipeline(b.pipe, method, **ours)
+        assert installation(a.pipe).methods == installation(b.pipe).methods
+        assert torch.equal(a.run(steps=2), b.run(steps=2))
+    with pytest.raises(TypeError, match=r"unknown option 'prune_rate' for sito; allowed: .* \(or the reference's "
+                                        r"names \['max_downsample_ratio', 'noise_alpha'"):
+        accelerate_pipeline(make_case("sd1").pipe, "sito", prune_rate=0.5)
+
+
+def test_todo_auto_factor_follows_the_image_size(make_case):
+    from diffaccel.methods.todo import auto_factor
+
+    table = {512: 2, 768: 2, 1024: 2, 1280: 3, 1536: 3, 1792: 4, 2048: 4}
+    assert {side: auto_factor(side * side) for side in table} == table
+    case = make_case("sd1")  # 256 px: factor 2 on the 32 x 32 finest grid
+    accelerate_pipeline(case.pipe, "todo", factor="auto")
+    case.run(steps=2)
+    site = next(s for s in describe(case.pipe)["denoisers"][0]["sites"] if s["name"].endswith("attn1"))
+    assert all(v["keys_values"] == 16 * 16 for v in site["last_run"].values())
+    assert installation(case.pipe).methods[0].to_dict()["factor"] == "auto"

@@ -63,13 +63,15 @@ def method_class(name: str) -> type[MethodConfig]:
 
 @dataclass
 class CacheEntry:
-    """A sub-layer output kept for reuse at later steps: the step it was computed at, and the shape of
-    the call it belongs to (an entry never serves a call of another shape). `extra` holds what the
-    method keeps per token beside it (counted in the cache's size)."""
+    """A sub-layer output kept for reuse at later steps: the step it was computed at, the shape of the
+    call it belongs to (an entry never serves a call of another shape), and the step at which its
+    cycle ends (the next full computation; None: not a cycle). `extra` holds what the method keeps
+    per token beside it (counted in the cache's size)."""
 
     output: Any
     step: int
     signature: tuple
+    until: int | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
 
@@ -77,14 +79,16 @@ class SiteCall:
     """One call of a site's module, as methods rewrite it: its hidden states, its keyword arguments,
     and the functions that turn the reduced output back into a full one."""
 
-    __slots__ = ("args", "kwargs", "restores", "keys_values", "reduced", "around")
+    __slots__ = ("args", "kwargs", "restores", "keys_values", "reduced", "arounds")
 
     def __init__(self, args: tuple, kwargs: dict):
         self.args, self.kwargs = list(args), dict(kwargs)
-        self.restores: list = []
+        self.restores: list = []  # functions of the output, applied last to first after the call
         self.keys_values: int | None = None  # tokens keys/values come from, when a method changed them
         self.reduced = False
-        self.around: Any = None  # a context manager the sub-layer's forward runs in (ToDo inside attention)
+        # context managers the sub-layer's forward runs in, entered in order (ToDo's pooling inside
+        # attention, the attention probes of token-wise caching)
+        self.arounds: list = []
 
     def get(self, name: str, position: int = -1) -> Any:
         """An argument of the call by keyword, or by position (counting the hidden states as 0)."""
@@ -126,6 +130,23 @@ def check_choice(cls_name: str, field: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
+DOWNSAMPLES = (1, 2, 4, 8)
+
+
+def check_downsample(cls_name: str, field: str, value: Any) -> None:
+    """A tomesd-style max_downsample: a token-grid downsample factor."""
+    if isinstance(value, bool) or value not in DOWNSAMPLES:
+        raise ValueError(f"{cls_name}.{field} must be one of {list(DOWNSAMPLES)} (a downsample factor: 1 acts at "
+                         f"the finest token grid with attention, 2 there and at half its resolution, ...), "
+                         f"got {value!r}")
+
+
+def downsample_levels(max_downsample: int) -> tuple[int, int]:
+    """Resolution levels (0 = the finest grid with attention) whose downsample factor relative to that
+    grid is at most `max_downsample` (1, 2, 4 or 8), as tomesd counts it."""
+    return 0, int(math.log2(max_downsample))
+
+
 def check_bool(cls_name: str, field: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{cls_name}.{field} must be True or False, got {value!r}")
@@ -146,6 +167,18 @@ class MethodConfig:
     # Whether the method reuses sub-layer outputs across steps (at most one per site): the runtime
     # then keeps a cache per site and CFG branch and asks `plan` what to do with each call.
     caches: ClassVar[bool] = False
+    # The reference implementation's argument names -> config fields, so that its users' calls port
+    # unchanged (`accelerate_pipeline(pipe, "sito", prune_ratio=0.5)`)
+    aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def translate(cls, key: str, value: Any) -> tuple[str, Any]:
+        """An option as the user named it -> (config field, value)."""
+        return cls.aliases.get(key, key), value
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} | set(cls.aliases)
 
     def __post_init__(self):
         policy = self.policy
@@ -193,8 +226,10 @@ class MethodConfig:
         """Whether these parameters leave the sub-layer unchanged (zero strength)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
-        """Rewrite the call (token methods). Caching methods act through `plan` instead."""
+    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> bool:
+        """Rewrite the call (token methods); whether it changed anything (if not, a note on
+        ctx.notes[site.name] says why). Caching methods act through `plan` instead."""
+        return False
 
     def wraps_forward(self, site: Site) -> bool:
         """Whether the method needs the site's forward wrapped (to skip it, or to run it in a context)."""
@@ -236,6 +271,14 @@ class MethodConfig:
         """Caching methods that plan "partial" calls: rewrite the call and write its output into the entry."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def cycle_end(self, ctx: Any, params: dict) -> int | None:
+        """Caching methods: for an output computed in full at this call, the step at which the next full
+        computation is due."""
+        return None
+
+    def prepare_compute(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+        """Caching methods: a call about to run in full and be stored (e.g. ask for an attention probe)."""
+
     def init_entry(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
         """Caching methods: fill `entry.extra` when a full output is stored (`hidden`: the call's input)."""
 
@@ -254,6 +297,9 @@ class MethodConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"}
         d["policy"] = self.effective_policy().to_dict()
         return {"method": self.name, **d}
+
+
+NO_GRID = "the image tokens of its calls lie on no token grid the adapter could read"
 
 
 def image_span(site: Site, ctx: Any, n: int) -> ImageSpan | None:
@@ -325,14 +371,14 @@ class CellReductionConfig(MethodConfig):
             check_bool(n, "cost_model", self.cost_model)
         check_number(n, "ratio", self.ratio, 0.0, 1.0 - 1.0 / (self.sx * self.sy))
         check_number(n, "seed", self.seed, 0, 2**62, integer=True)
-        check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
+        check_downsample(n, "max_downsample", self.max_downsample)
         check_choice(n, "metric", self.metric, METRICS)
         for flag in self.kind_flags:
             check_bool(n, flag, getattr(self, flag))
 
     def default_policy(self) -> Policy:
         kinds = tuple(k for k, flag in zip(("self_attn", "cross_attn", "ff"), self.kind_flags) if getattr(self, flag))
-        return Policy((Rule(Selector(kind=kinds, level=(0, self.max_downsample - 1)), {"ratio": self.ratio}),))
+        return Policy((Rule(Selector(kind=kinds, level=downsample_levels(self.max_downsample)), {"ratio": self.ratio}),))
 
     def unsupported(self, site: Site) -> str | None:
         if site.note:
@@ -377,11 +423,12 @@ class CellReductionConfig(MethodConfig):
             ctx.shared[key] = reduction
         return reduction
 
-    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+    def act(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> bool:
         x = call.hidden
         span = image_span(site, ctx, x.shape[1])
         if span is None:
-            return
+            ctx.notes[site.name] = NO_GRID
+            return False
         n, (f, h, w) = span.n, span.grid
         st = self.frames_per_cell(f, ctx.geometry.frame_span)
         r = int(params["ratio"] * n)
@@ -393,7 +440,7 @@ class CellReductionConfig(MethodConfig):
                                           prune=self.mode == "drop")
             if not estimate.worth_it:
                 ctx.notes[site.name] = estimate.why()
-                return
+                return False
         start = span.start(x.shape[1])
         img = x if n == x.shape[1] else x.narrow(1, start, n)
         # dimensions of a mask over these tokens (keys, or queries and keys); a mask over other tokens
@@ -407,7 +454,7 @@ class CellReductionConfig(MethodConfig):
                 rope = tuple(gather_positions(t, span, order, rope_seq_dim(t)) for t in rope)
                 if any(t is None for t in rope):
                     ctx.notes[site.name] = "its rotary table does not cover these tokens, so it is skipped"
-                    return
+                    return False
                 call.set(*site.rope, rope)
             for dim in mask_dims:
                 mask = gather_positions(mask, span, order, dim)
@@ -417,6 +464,7 @@ class CellReductionConfig(MethodConfig):
         call.hidden = reduced if n == x.shape[1] else span.replace(x, 1, lambda _: reduced)
         call.restores.append(_span_restore(reduction, start if n != x.shape[1] else 0))
         call.reduced = True
+        return True
 
 
 def _span_restore(reduction: TokenReduction, start: int):

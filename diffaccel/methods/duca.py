@@ -64,4 +64,4 @@ class DuCaConfig(ToCaConfig):
             return "reuse"  # aggressive
         if params["fresh_ratio"] >= 1:
             return "recompute"
-        return self.token_plan(site, params, call)
+        return self.token_plan(site, ctx, params, call)

@@ -5,7 +5,8 @@ every block) runs and its output is stored; on the steps between, the stored out
 the sub-layer does not run. What a block does around its sub-layers (adaLN shifts, scales and
 gates, residual additions) still runs at every step, with that step's timestep. `warmup` steps at
 the start of the run are computed in full and the last of them begins the first cycle (ToCa's Flux
-setting computes the first 3). The paper's default: interval 3 on every sub-layer.
+setting computes the first 3). The last step of a run is always computed, as FORA's code does (its
+outputs become the image). The paper's default: interval 3 on every sub-layer.
 
 A cache entry serves only calls of the same run, CFG branch, batch and token count; anything else
 is recomputed. Caches are released when the run ends.
@@ -54,5 +55,10 @@ class FORAConfig(MethodConfig):
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1
 
+    def cycle_end(self, ctx: Any, params: dict) -> int:
+        return ctx.step + max(1, round(params["interval"]))
+
     def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
-        return ctx.step - entry.step < round(params["interval"])
+        if ctx.num_steps and ctx.step >= ctx.num_steps - 1:
+            return ctx.step == entry.step  # the last step is computed, as FORA's code does
+        return ctx.step < entry.until

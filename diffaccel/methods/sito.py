@@ -1,9 +1,12 @@
 """SiTo (Zhang et al., AAAI 2025): similarity-based token pruning.
 
-Each token is scored by its summed cosine similarity to all tokens plus Gaussian noise; the best
-token of each sx x sy cell is a base token; of the others, the r = ratio * N most similar to a base
-are pruned (dropped, not averaged) and after the sub-layer take the output of that base token.
-Tiled: the summed similarity is one matrix-vector product, the base matching is computed in tiles.
+Each token is scored by the sum of its cosine similarities to all tokens plus `noise` times Gaussian
+noise (SiTo's code: 0.1); the best token of each sx x sy cell is a base token; of the others, the
+r = ratio * N most similar to a base are pruned (dropped, not averaged) and after the sub-layer each
+takes the output of its most similar kept token (a base or a kept token), as SiTo's code restores
+them. The noise is drawn once per token and step (seeded by seed, step and block) and shared by the
+batch rows, so an image does not change when other prompts join its batch. Tiled: the summed
+similarity is one matrix-vector product, the matchings are computed in tiles.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from .base import CellReductionConfig, check_number, register
 @dataclass(frozen=True)
 class SiToConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens pruned (at most 1 - 1/(sx*sy)); noise: standard deviation
-    of the Gaussian noise on the similarity score (varies the base tokens across steps).
+    of the Gaussian noise on the summed similarity score (varies the base tokens across steps).
+    max_downsample: the levels it prunes, as a downsample factor (1, 2, 4, 8; 1: the finest token
+    grid with attention). SiTo's own argument names work too (prune_ratio, max_downsample_ratio,
+    noise_alpha, prune_selfattn_flag, prune_crossattn_flag, prune_mlp_flag).
     st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
     metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden").
     cost_model: skip calls where pruning costs more than it saves (diffaccel.cost); None: only at
@@ -43,6 +49,9 @@ class SiToConfig(CellReductionConfig):
 
     name = "sito"
     mode = "drop"
+    aliases = {"prune_ratio": "ratio", "max_downsample_ratio": "max_downsample", "noise_alpha": "noise",
+               "prune_selfattn_flag": "prune_attn", "prune_crossattn_flag": "prune_crossattn",
+               "prune_mlp_flag": "prune_mlp"}  # SiTo's apply_patch
     kind_flags = ("prune_attn", "prune_crossattn", "prune_mlp")
 
     def validate(self) -> None:

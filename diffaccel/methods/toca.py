@@ -8,27 +8,40 @@ against keys and values of all tokens (on image-token layouts; where self-attent
 image tokens or takes rotary embeddings it reuses its whole cached output on those steps, as the
 paper's own code does for self-attention everywhere).
 
-The fresh fraction at a site is the policy's `fresh_ratio` times a depth factor. The default policy
-follows the paper: from (1 + step_weight) R at the first step to (1 - step_weight) R at the last,
-times a weight per sub-layer kind (feed-forward 1.6, cross-attention 0.6, self-attention 0: reused
-whole), and the depth factor 1 + depth_weight - 2 depth_weight d / (blocks - 1) gives shallow
-blocks more fresh tokens.
+How many tokens are fresh follows the reference's formula: the product of the policy's
+`fresh_ratio` R, a step factor, a depth factor, a sub-layer-kind weight and a stream weight, clamped
+to [0, 1] once, times the site's token count, rounded down:
+
+    step factor    1 + step_weight - 2 step_weight p          (p: fraction of the run done)
+    depth factor   1 + depth_weight - 2 depth_weight d / D    (d: block index, D: last block index,
+                                                               over the model or within its stream)
+    kind weight    kind_weights[kind]  (PixArt-alpha's: self-attention 0, i.e. reused whole,
+                                        cross-attention 0.6, feed-forward 1.6)
+    stream weight  stream_weights[stream]  (flux-ToCa: double-stream blocks 0.4, single-stream 1.6)
 
 Which tokens are fresh: the highest of
-    primary score (scaled to [0, 1] per row)
-    + staleness_weight x (steps since the token was last computed) / interval
-    + 1 for the best token of each `cell` x `cell` (x `cell_frames` for video) cell of the grid,
-so that fresh tokens cover the image. Primary scores ("score"), none needing an attention map unless
-asked for:
-    "change"     how much the token's input moved since its output was computed (relative L2)
-    "vnorm"      small value norms first (DuCa): the block's self-attention values where it has one,
-                 else the sub-layer's input
-    "random"     seeded draws, fixed by (seed, step, block)
+    primary score (L2-normalised over the tokens, as the reference)
+    + staleness_weight x (cached steps since the token was last computed) / interval
+    + cell_weight x the cell's best score, for the best token of each `cell` x `cell` (x
+      `cell_frames` for video) cell of the grid, so that fresh tokens cover the image.
+Primary scores ("score"):
+    "change"     how far the token's input moved since its output was computed (relative L2); no
+                 attention map
+    "vnorm"      DuCa's value-norm score, sum over heads of (1 - |v_h|): small value norms first, from
+                 the block's self-attention at the last full step; no attention map
+    "random"     seeded uniform draws, fixed by (seed, step, block)
     "attention"  attention each token received in its block's self-attention at the last full step
-                 (softmax column sums, computed in query tiles at those sites only); blocks without an
-                 image-token self-attention fall back to "random"
-With batched CFG the conditional half picks and the other half uses the same tokens; separate
-cond/uncond calls keep separate caches and selections. Caches are released when the run ends.
+                 (ToCa's DiT and Flux setting: softmax column sums, computed in query tiles at those
+                 sites only, after the processor's norms and rotary embedding)
+    "entropy"    entropy of each image token's attention over the text in its block's
+                 cross-attention (ToCa's PixArt setting): the text keys are few, so the map is cheap;
+                 rows are updated when cross-attention recomputes fresh tokens
+The attention-based scores are read from the queries, keys and values that reach
+scaled_dot_product_attention; where a block has no such source the score falls back to "random" and
+describe() says so. With batched CFG both halves use one selection, from their averaged statistics;
+separate cond/uncond calls keep separate caches and selections. The feed-forward sub-layers of one
+block that see the same tokens (Flux's single-stream proj_mlp and proj_out) refresh one shared token
+set. Caches are released when the run ends.
 """
 
 from __future__ import annotations
@@ -37,13 +50,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..kernels import gather_tokens, scatter_tokens
-from ..policy import Linear, Policy, Rule, Selector
+from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
-from ..tokens import expand_rows
+from ..tokens import AttentionProbe, expand_rows
 from .base import (
     SUBLAYERS,
     CacheEntry,
@@ -51,6 +65,7 @@ from .base import (
     SiteCall,
     block_generator,
     cfg_rows,
+    check_bool,
     check_choice,
     check_number,
     image_span,
@@ -59,16 +74,41 @@ from .base import (
     warmup_window,
 )
 
-SCORES = ("change", "vnorm", "random", "attention")
+SCORES = ("change", "vnorm", "random", "attention", "entropy")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
 CHANGE_CHUNK_BYTES = 8 << 20  # largest temporary of the "change" score on the CPU
-ATTENTION_TILE = 1 << 22  # elements of one attention-probability tile (rows x keys x heads) per batch row
+# the statistic each attention-based score reads, and the sub-layer kind it is read at
+PROBES = {"attention": ("received", "self_attn"), "vnorm": ("vnorm", "self_attn"), "entropy": ("entropy", "cross_attn")}
+
+# The references' own settings (ToCa's and DuCa's code), by model: see `TokenwiseCache.paper`
+PAPERS = {
+    "toca": {
+        # PixArt-alpha-ToCa: 20 DPM-Solver steps; full steps where the step is a multiple of an
+        # interval round(3 / (0.8 + 0.4 p)) set at each full step; cross-attention entropy
+        "pixart-alpha": dict(interval=3, fresh_ratio=0.3, score="entropy", staleness_weight=0.25, cell=4,
+                             cell_weight=0.4, step_weight=0.9, depth_weight=0.6,
+                             kind_weights={"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6},
+                             interval_weight=0.2, aligned=True),
+        # flux-ToCa: first 3 steps full, then a full step every 4; attention reused whole; no cell
+        # bonus; depth counted per stream over 27 (its constant); double- / single-stream x0.4 / x1.6
+        "flux": dict(interval=4, fresh_ratio=0.1, warmup=3, score="attention", staleness_weight=0.25, cell=0,
+                     step_weight=0.0, depth_weight=0.5, depth_per_stream=True, depth_span=27,
+                     kind_weights={"self_attn": 0.0, "cross_attn": 0.0, "ff": 1.0},
+                     stream_weights={"transformer_blocks": 0.4, "single_transformer_blocks": 1.6}),
+    },
+    "duca": {
+        # DuCa-PixArt: constant interval 3 (full, conservative, aggressive), R=0.75, cross-attention
+        # entropy (its README's --cache-type attention), PixArt-alpha-ToCa's ratio schedule
+        "pixart-alpha": dict(interval=3, fresh_ratio=0.75, score="entropy", staleness_weight=0.25, cell=4,
+                             cell_weight=0.4, step_weight=0.9, depth_weight=0.6,
+                             kind_weights={"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}, aligned=True),
+    },
+}
 
 
 class TokenwiseCache(MethodConfig):
-    """What ToCa and DuCa share: the cycle, the fresh-token choice and the token-partial call.
-    Subclasses declare the fields interval, fresh_ratio, warmup, score, staleness_weight, cell,
-    cell_frames, step_weight, depth_weight, kind_weights, seed and policy, and `cached_plan`."""
+    """What ToCa and DuCa share: the cycle, the fresh-token count and choice, the token-partial call.
+    Subclasses declare the fields (see ToCaConfig) and `cached_plan`."""
 
     caches = True
     reduces_tokens = True  # fresh-token steps reduce queries: no ToMe/SiTo on the same site
@@ -77,8 +117,10 @@ class TokenwiseCache(MethodConfig):
 
     def __hash__(self):
         return hash((type(self).__name__, self.interval, self.fresh_ratio, self.warmup, self.score,
-                     self.staleness_weight, self.cell, self.cell_frames, self.step_weight, self.depth_weight,
-                     tuple(sorted(self.kind_weights.items())), self.seed))
+                     self.staleness_weight, self.cell, self.cell_frames, self.cell_weight, self.step_weight,
+                     self.depth_weight, self.depth_per_stream, self.depth_span,
+                     tuple(sorted(self.kind_weights.items())), tuple(sorted(self.stream_weights.items())),
+                     self.interval_weight, self.aligned, self.seed))
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -90,14 +132,23 @@ class TokenwiseCache(MethodConfig):
         check_number(n, "staleness_weight", self.staleness_weight, 0.0, 100.0)
         check_number(n, "cell", self.cell, 0, 64, integer=True)
         check_number(n, "cell_frames", self.cell_frames, 1, 64, integer=True)
+        check_number(n, "cell_weight", self.cell_weight, 0.0, 100.0)
         check_number(n, "step_weight", self.step_weight, -1.0, 1.0)
         check_number(n, "depth_weight", self.depth_weight, -1.0, 1.0)
+        check_bool(n, "depth_per_stream", self.depth_per_stream)
+        check_number(n, "depth_span", self.depth_span, 0, 100_000, integer=True)
+        check_number(n, "interval_weight", self.interval_weight, -0.99, 0.99)
+        check_bool(n, "aligned", self.aligned)
         check_number(n, "seed", self.seed, 0, 2**62, integer=True)
-        if not isinstance(self.kind_weights, dict):
-            raise TypeError(f"{n}.kind_weights must be a dict {{kind: weight}}, got {self.kind_weights!r}")
-        for kind, w in self.kind_weights.items():
-            check_choice(n, "kind_weights key", kind, SUBLAYERS)
-            check_number(n, f"kind_weights[{kind!r}]", w, 0.0, 100.0)
+        for what, weights, keys in (("kind_weights", self.kind_weights, SUBLAYERS), ("stream_weights", self.stream_weights, None)):
+            if not isinstance(weights, dict):
+                raise TypeError(f"{n}.{what} must be a dict, got {weights!r}")
+            for key, w in weights.items():
+                if keys is not None:
+                    check_choice(n, f"{what} key", key, keys)
+                elif not isinstance(key, str):
+                    raise TypeError(f"{n}.{what} keys are block-list names such as 'transformer_blocks', got {key!r}")
+                check_number(n, f"{what}[{key!r}]", w, 0.0, 100.0)
 
     def check_param(self, key: str, value: float) -> None:
         n = type(self).__name__
@@ -107,33 +158,17 @@ class TokenwiseCache(MethodConfig):
             check_number(n, key, value, 0.0, 1.0)
 
     def default_policy(self) -> Policy:
-        when = warmup_window(self.warmup)
-        if self.fresh_ratio >= 1:
-            return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": 1.0}, when),))
-        rules = []
-        for kind in SUBLAYERS:
-            r = self.fresh_ratio * self.kind_weights.get(kind, 1.0)
-            first, last = (min(1.0, max(0.0, r * (1 + s * self.step_weight))) for s in (1, -1))
-            rules.append(Rule(Selector(kind=kind), {"interval": self.interval, "fresh_ratio": Linear(first, last)},
-                              when))
-        return Policy(tuple(rules))
+        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": self.fresh_ratio},
+                            warmup_window(self.warmup)),))
 
     @classmethod
-    def flux(cls, interval: int = 4, fresh_ratio: float = 0.1, warmup: int = 3, **fields: Any):
-        """flux-ToCa's own schedule, for Flux's double- and single-stream blocks (diffusers' names
-        `transformer_blocks.*` and `single_transformer_blocks.*`): attention reused whole on cached
-        steps, no step factor, depth weight 0.5, and the feed-forward sub-layers' fresh ratio times
-        0.4 in double-stream blocks and 1.6 in single-stream ones. Defaults: the paper's Flux
-        setting, N=4, R=0.1, first 3 steps full. Other fields pass through (score, seed, ...)."""
-        when = warmup_window(warmup)
-        every = {"interval": interval, "fresh_ratio": 0.0}
-        policy = Policy((
-            Rule(Selector(kind=SUBLAYERS), every, when),
-            Rule(Selector(kind="ff", name="transformer_blocks.*"), {**every, "fresh_ratio": 0.4 * fresh_ratio}, when),
-            Rule(Selector(kind="ff", name="single_transformer_blocks.*"),
-                 {**every, "fresh_ratio": min(1.0, 1.6 * fresh_ratio)}, when)))
-        fields = {"step_weight": 0.0, "depth_weight": 0.5, **fields}
-        return cls(interval=interval, fresh_ratio=fresh_ratio, warmup=warmup, policy=policy, **fields)
+    def paper(cls, model: str, **fields: Any):
+        """The reference code's own setting for `model` (see PAPERS: ToCa "pixart-alpha", "flux"; DuCa
+        "pixart-alpha"); any field given overrides it."""
+        presets = PAPERS[cls.name]
+        if model not in presets:
+            raise ValueError(f"no paper setting of {cls.name} for {model!r}; available: {sorted(presets)}")
+        return cls(**{**presets[model], **fields})
 
     def unsupported(self, site: Site) -> str | None:
         return "acts on sub-layers, not whole blocks" if site.kind == "block" else None
@@ -142,17 +177,24 @@ class TokenwiseCache(MethodConfig):
         return round(params["interval"]) <= 1 or params["fresh_ratio"] >= 1
 
     # -- the cycle --------------------------------------------------------------------------
-    def fresh_count(self, site: Site, params: dict, n: int) -> int:
-        ratio = params["fresh_ratio"]
-        if site.blocks > 1 and self.depth_weight:
-            ratio *= 1 + self.depth_weight - 2 * self.depth_weight * site.depth / (site.blocks - 1)
-        return min(n, max(0, round(ratio * n)))
+    def cycle_end(self, ctx: Any, params: dict) -> int:
+        """The next full step after one at ctx.step: `interval` steps later, or (aligned) the next
+        multiple of the interval, the interval being set at this step, divided by the reference's
+        interval step factor 1 - w + 2 w p (w = interval_weight) and rounded half to even in float32,
+        as the reference computes it."""
+        interval = params["interval"]
+        if self.interval_weight:
+            w = self.interval_weight
+            factor = np.float32(1 - w + 2 * w * progress_of(ctx.step, ctx.num_steps))
+            interval = np.round(np.float32(interval) / factor)
+        interval = max(1, int(round(float(interval))))
+        return (ctx.step // interval + 1) * interval if self.aligned else ctx.step + interval
 
     def cycle_offset(self, ctx: Any, params: dict, entry: CacheEntry) -> int | None:
         """Steps since the entry's cycle began (0: another call of that step), or None when this call
         starts a new cycle."""
         offset = ctx.step - entry.step
-        return offset if 0 <= offset < round(params["interval"]) else None
+        return offset if offset >= 0 and (entry.until is None or ctx.step < entry.until) else None
 
     def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
         offset = self.cycle_offset(ctx, params, entry)
@@ -165,11 +207,29 @@ class TokenwiseCache(MethodConfig):
     def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def token_plan(self, site: Site, params: dict, call: SiteCall) -> str:
+    def fresh_fraction(self, site: Site, ctx: Any, params: dict) -> float:
+        """The reference's fresh ratio: R x step x depth x kind x stream factors, clamped to [0, 1] once."""
+        p = progress_of(ctx.step, ctx.num_steps)
+        ratio = params["fresh_ratio"] * (1 + self.step_weight - 2 * self.step_weight * p) * self.depth_factor(site)
+        ratio *= self.kind_weights.get(site.kind, 1.0) * self.stream_weights.get(site.stream, 1.0)
+        return min(1.0, max(0.0, ratio))
+
+    def depth_factor(self, site: Site) -> float:
+        d, last = (site.stream_depth, site.stream_blocks - 1) if self.depth_per_stream else (site.depth, site.blocks - 1)
+        span = self.depth_span or last
+        if not self.depth_weight or span <= 0:
+            return 1.0
+        return 1 + self.depth_weight - 2 * self.depth_weight * d / span
+
+    def fresh_count(self, site: Site, ctx: Any, params: dict, n: int) -> int:
+        """int(ratio x n) in float32, as the reference counts its top-k."""
+        return min(n, int(np.float32(self.fresh_fraction(site, ctx, params)) * np.float32(n)))
+
+    def token_plan(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> str:
         """A ToCa step at this site: all tokens fresh ("recompute", the cycle keeps its start), none
         ("reuse"), or some ("partial")."""
         n = call.hidden.shape[1]
-        k = self.fresh_count(site, params, n)
+        k = self.fresh_count(site, ctx, params, n)
         if k >= n:
             return "recompute"
         if k == 0 or not _partial_ok(site, call):
@@ -177,31 +237,61 @@ class TokenwiseCache(MethodConfig):
         return "partial"
 
     # -- entries ----------------------------------------------------------------------------
+    def prepare_compute(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+        self._probe(site, ctx, call)
+
     def init_entry(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
         rows = cfg_rows(hidden, ctx)
         entry.extra["staleness"] = torch.zeros(rows.shape[:2], dtype=torch.int32, device=hidden.device)
         if self.score == "change":
             entry.extra["input"] = rows.detach().clone()
-        if site.kind == "self_attn" and self.score in ("vnorm", "attention") and _image_self_attention(site, hidden):
-            key = (self.score, ctx.branch, site.block)
-            ctx.state[key] = _value_norm(site.module, rows) if self.score == "vnorm" else \
-                _attention_received(site.module, rows)
+
+    def _probe(self, site: Site, ctx: Any, call: SiteCall, idx: torch.Tensor | None = None) -> None:
+        """Read the block's attention statistic while this call runs (its self-attention at a full step,
+        its cross-attention at every step that computes tokens: rows `idx` of the stored statistic)."""
+        stat, kind = PROBES.get(self.score, (None, None))
+        if site.kind != kind or (idx is not None and stat != "entropy"):
+            return
+        probe = AttentionProbe(stat)
+        call.arounds.append(probe)
+        key = (self.score, ctx.branch, site.block)
+        x = call.hidden
+
+        def record(out):
+            result = probe.result
+            if result is None and stat == "vnorm" and kv_attention(site) and hasattr(site.module, "heads"):
+                result = _value_norm(site.module, x)  # the processor does not call SDPA (e.g. xformers)
+            if result is None:
+                return out
+            if idx is None:
+                ctx.state[key] = result
+            elif key in ctx.state and ctx.state[key].shape[0] == result.shape[0]:
+                ctx.state[key].scatter_(1, idx, result)
+            return out
+
+        call.restores.append(record)
 
     def refresh(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> None:
         x = call.hidden
         n = x.shape[1]
-        k = self.fresh_count(site, params, n)
-        rows = cfg_rows(x, ctx)
+        k = self.fresh_count(site, ctx, params, n)
         stale = entry.extra["staleness"]
-        score = self.primary_score(site, ctx, entry, rows)
-        if self.staleness_weight:
-            score = score + (self.staleness_weight / max(1, round(params["interval"]))) * (stale + 1)
-        if self.cell:
-            score = score + self.cell_bonus(site, ctx, score)
-        picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B', k)
-        stale.add_(1).scatter_(1, picked, 0)
+        # the feed-forward sub-layers of one block that see the same tokens share one fresh set
+        shared = ("fresh", site.block, n, k) if site.kind == "ff" else None
+        picked = ctx.shared.get(shared) if shared else None
+        rows = cfg_rows(x, ctx)
+        if picked is None:
+            score = self.primary_score(site, ctx, entry, rows)
+            if self.staleness_weight:
+                score = score + (self.staleness_weight / self.interval) * stale
+            if self.cell and self.cell_weight:
+                score = score + self.cell_bonus(site, ctx, score)
+            picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B', k)
+            if shared:
+                ctx.shared[shared] = picked
         if "input" in entry.extra:
             scatter_tokens(entry.extra["input"], picked, gather_tokens(rows, picked))
+        stale.add_(1).scatter_(1, picked, 0)
         idx = expand_rows(picked, x.shape[0])
         if site.kind == "self_attn" and call.kwargs.get("encoder_hidden_states") is None:
             call.kwargs["encoder_hidden_states"] = x  # keys and values of every token
@@ -210,42 +300,66 @@ class TokenwiseCache(MethodConfig):
         call.reduced = True
         cached = entry.output
         call.restores.append(lambda out: scatter_tokens(cached, idx, out.to(cached.dtype)))
+        self._probe(site, ctx, call, idx)
 
     # -- scores -----------------------------------------------------------------------------
     def primary_score(self, site: Site, ctx: Any, entry: CacheEntry, rows: torch.Tensor) -> torch.Tensor:
-        """(B', N) in [0, 1]: higher is fresher."""
-        score = self.score
-        if score == "change":
-            ref = entry.extra["input"]
-            return _row_scaled(_relative_change(rows, ref))
-        if score == "vnorm":
-            if site.kind == "self_attn" and _image_self_attention(site, rows):
-                norms = _value_norm(site.module, rows)
-            else:
-                norms = ctx.state.get(("vnorm", ctx.branch, site.block))
-                if norms is None or norms.shape != rows.shape[:2]:
-                    norms = rows.float().norm(dim=-1)
-            return 1 - _row_scaled(norms)
-        if score == "attention":
-            received = ctx.state.get(("attention", ctx.branch, site.block))
-            if received is not None and received.shape == rows.shape[:2]:
-                return _row_scaled(received)
+        """(B', N) float32: higher is fresher."""
+        if self.score == "change":
+            return F.normalize(_relative_change(rows, entry.extra["input"]), dim=1)
+        if self.score in PROBES:
+            stat = self.block_statistic(site, ctx, rows.shape[1])
+            if stat is not None:
+                return F.normalize(1 + stat if self.score == "entropy" else stat, dim=1)
+            ctx.notes[site.name] = (f"the {self.score!r} score has no source in this block (its "
+                                    f"{PROBES[self.score][1]} does not call scaled_dot_product_attention, or "
+                                    f"there is none): random tokens")
         gen = block_generator(self.seed, ctx.step, site)
         return torch.rand(rows.shape[:2], generator=gen).to(rows.device)
 
+    def block_statistic(self, site: Site, ctx: Any, n: int) -> torch.Tensor | None:
+        """The block's stored attention statistic for this site's `n` tokens: batched CFG halves
+        averaged (for the entropy, that of the two halves' maps side by side, as the reference mixes
+        them: ln 2 + the mean), the image or text part of a joint sequence taken where the site sees
+        only that part. None when there is none."""
+        stat = ctx.state.get((self.score, ctx.branch, site.block))
+        if stat is None:
+            return None
+        if ctx.cfg_batched and stat.shape[0] % 2 == 0:
+            half = stat.shape[0] // 2
+            stat = 0.5 * (stat[:half] + stat[half:]) + (math.log(2) if self.score == "entropy" else 0)
+        length = stat.shape[1]
+        if length == n:
+            return stat
+        geo = ctx.geometry
+        text = geo.text_tokens if geo is not None else 0
+        if not text or (n != text if site.layout == "text" else length != n + text):
+            return None
+        if site.layout == "text":  # a context feed-forward: the text part of the joint statistic
+            return stat[:, :text] if geo.text_first else stat[:, -text:]
+        return stat[:, text:] if geo.text_first else stat[:, :n]
+
     def cell_bonus(self, site: Site, ctx: Any, score: torch.Tensor) -> torch.Tensor:
-        """1 for the highest-scoring token of each cell of the image-token grid, 0 elsewhere."""
+        """cell_weight x the cell's best score for the best token of each cell of the image-token grid
+        (the reference's local_selection_with_bonus; the bonus is the best score's magnitude, so that it
+        promotes the token where scores are negative too), 0 elsewhere."""
         span = image_span(site, ctx, score.shape[1])
-        if span is None:
-            return torch.zeros_like(score)
-        start, (f, h, w) = span.start(score.shape[1]), span.grid
-        img = score[:, start:start + f * h * w].reshape(-1, 1, f, h, w)
-        kernel = (min(self.cell_frames, f), min(self.cell, h), min(self.cell, w))
-        best = F.max_pool3d(img, kernel, kernel, ceil_mode=True)
-        for dim, k, size in ((2, kernel[0], f), (3, kernel[1], h), (4, kernel[2], w)):
-            best = best.repeat_interleave(k, dim=dim).narrow(dim, 0, size)
         bonus = torch.zeros_like(score)
-        bonus[:, start:start + f * h * w] = (img >= best).reshape(score.shape[0], -1).to(score.dtype)
+        if span is None:
+            return bonus
+        start, (f, h, w) = span.start(score.shape[1]), span.grid
+        kt, kh, kw = min(self.cell_frames, f), min(self.cell, h), min(self.cell, w)
+        img = score[:, start:start + f * h * w].reshape(-1, f, h, w)
+        pad = (0, -w % kw, 0, -h % kh, 0, -f % kt)  # whole cells, the padding never the best
+        grid = F.pad(img, pad, value=float("-inf"))
+        b, gf, gh, gw = grid.shape
+        cells = grid.reshape(b, gf // kt, kt, gh // kh, kh, gw // kw, kw).permute(0, 1, 3, 5, 2, 4, 6)
+        cells = cells.reshape(b, gf // kt, gh // kh, gw // kw, kt * kh * kw)
+        best, where = cells.max(dim=-1, keepdim=True)
+        add = torch.zeros_like(cells).scatter_(-1, where, self.cell_weight * best.abs())
+        add = add.reshape(b, gf // kt, gh // kh, gw // kw, kt, kh, kw).permute(0, 1, 4, 2, 5, 3, 6)
+        add = add.reshape(b, gf, gh, gw)[:, :f, :h, :w]
+        bonus[:, start:start + f * h * w] = add.reshape(b, -1)
         return bonus
 
 
@@ -261,11 +375,6 @@ def _relative_change(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         r, f = rows[:, i:i + step].float(), ref[:, i:i + step].float()
         out[:, i:i + step] = torch.linalg.vector_norm(r - f, dim=-1) / torch.linalg.vector_norm(f, dim=-1).clamp_min(1e-6)
     return out
-
-
-def _row_scaled(x: torch.Tensor) -> torch.Tensor:
-    """(B, N) scaled so that each row's maximum is 1."""
-    return x / x.amax(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _image_self_attention(site: Site, x: torch.Tensor) -> bool:
@@ -288,39 +397,34 @@ def _partial_ok(site: Site, call: SiteCall) -> bool:
 
 
 def _value_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module.to_v(x).float().norm(dim=-1)
-
-
-def _attention_received(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax attention each token receives, summed over heads and queries: (B, N). Queries are
-    processed in tiles so no N x N map is held beyond ATTENTION_TILE elements."""
-    b, n, _ = x.shape
-    heads = module.heads
-    q = module.to_q(x).float().view(b, n, heads, -1).transpose(1, 2)
-    k = module.to_k(x).float().view(b, n, heads, -1).transpose(1, 2)
-    if getattr(module, "norm_q", None) is not None:
-        q, k = module.norm_q(q), module.norm_k(k)
-    scale = getattr(module, "scale", None) or 1 / math.sqrt(q.shape[-1])
-    received = torch.zeros(b, n, device=x.device)
-    rows = max(1, ATTENTION_TILE // max(1, n * heads))
-    for start in range(0, n, rows):
-        p = torch.softmax(q[:, :, start:start + rows] @ k.transpose(-1, -2) * scale, dim=-1)
-        received += p.sum(dim=(1, 2))
-    return received
+    """DuCa's statistic from the value projection itself: sum over heads of (1 - |v_h|), (B, N)."""
+    v = module.to_v(x).float()
+    return (1 - v.view(*v.shape[:2], module.heads, -1).norm(dim=-1)).sum(dim=-1)
 
 
 @register
 @dataclass(frozen=True)
 class ToCaConfig(TokenwiseCache):
     """interval: steps per cycle; its first step computes every token (1: the baseline).
-    fresh_ratio: base fraction of tokens recomputed on the other steps (1: all, the baseline).
+    fresh_ratio: base fraction R of tokens recomputed on the other steps (1: all, the baseline); the
+    fraction at a site is R x the step, depth, kind and stream factors, clamped to [0, 1].
     warmup: steps at the start of the run that are always computed; the last of them begins the
     first cycle (0 and 1 are the same).
-    score: primary fresh-token score, one of "change", "vnorm", "random", "attention".
-    staleness_weight: bonus per step a token has waited (in cycles).
-    cell, cell_frames: spatial (and temporal) cell of the uniformity bonus; cell 0 turns it off.
-    step_weight, depth_weight, kind_weights: the paper's schedule over steps, depth and sub-layer kind.
-    seed: seed of the "random" score."""
+    score: primary fresh-token score, one of "change", "vnorm", "random", "attention", "entropy".
+    staleness_weight: bonus per cached step a token has waited, over the interval.
+    cell, cell_frames, cell_weight: the uniformity bonus's cell (cell 0 turns it off) and its weight.
+    step_weight, depth_weight: the step and depth factors (see the module docstring).
+    depth_per_stream: count depth within each block list (Flux's double- and single-stream blocks)
+    instead of over the model; depth_span: the block index the depth factor reaches its end at (0:
+    the last block).
+    kind_weights: factor per sub-layer kind (self_attn, cross_attn, ff); stream_weights: factor per
+    block list (e.g. {"single_transformer_blocks": 1.6}).
+    interval_weight: the reference's interval step factor w: an interval N set at progress p is
+    round(N / (1 - w + 2 w p)) (0: N).
+    aligned: full steps fall on multiples of the interval (ToCa's PixArt and DiT code) rather than
+    `interval` steps after the last one (flux-ToCa).
+    seed: seed of the "random" score.
+    `ToCaConfig.paper("pixart-alpha")` and `.paper("flux")` are the reference code's own settings."""
 
     interval: int = 3
     fresh_ratio: float = 0.3
@@ -329,9 +433,15 @@ class ToCaConfig(TokenwiseCache):
     staleness_weight: float = 0.25
     cell: int = 4
     cell_frames: int = 2
+    cell_weight: float = 0.4
     step_weight: float = 0.9
     depth_weight: float = 0.6
+    depth_per_stream: bool = False
+    depth_span: int = 0
     kind_weights: dict = field(default_factory=lambda: dict(KIND_WEIGHTS))
+    stream_weights: dict = field(default_factory=dict)
+    interval_weight: float = 0.0
+    aligned: bool = False
     seed: int = 0
     policy: Policy | dict | str | None = None
 
@@ -340,4 +450,4 @@ class ToCaConfig(TokenwiseCache):
     __hash__ = TokenwiseCache.__hash__
 
     def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:
-        return self.token_plan(site, params, call)
+        return self.token_plan(site, ctx, params, call)

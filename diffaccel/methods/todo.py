@@ -1,8 +1,11 @@
 """ToDo (Smith et al., 2024): token downsampling for self-attention.
 
-Keys and values come from the token grid pooled by `factor` (nearest, average or max); queries keep
-every token, so nothing needs unmerging. One factor per resolution level, active within a window of
-the run; on video grids the pooling spans `factor_t` frames too.
+Keys and values come from the token grid downsampled by `factor` (interpolated: nearest-exact, the
+reference's default, nearest, bilinear, bicubic; or pooled: avg, max); queries keep every token, so
+nothing needs unmerging. One factor per resolution level (`level_factors`, the reference's second-level
+factor at level 1), active within a window of the run; on video grids the pooling spans `factor_t`
+frames too. `factor="auto"` follows the image size as the reference's demo does: 2 up to 1024 x 1024
+pixels, 3 up to 1536 x 1536, 4 above.
 
 Where the attention takes keys and values apart from its queries (diffusers' plain processors on
 image tokens), the pooled tokens are passed as `encoder_hidden_states`, so the key and value
@@ -20,34 +23,50 @@ from dataclasses import dataclass, field
 from ..cost import pooling_estimate
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
-from ..tokens import PooledAttention, pool_tokens
+from ..tokens import POOL_MODES, PooledAttention, pool_tokens
 from .base import (
+    NO_GRID,
     MethodConfig,
     SiteCall,
     check_bool,
     check_choice,
+    check_downsample,
     check_number,
     default_frames,
+    downsample_levels,
     image_span,
     kv_attention,
     register,
 )
 
-POOL_MODES = ("nearest", "avg", "max")
+AUTO = "auto"
+# factor="auto": (largest image area in pixels, factor), then 4 above the last
+AUTO_FACTORS = ((1024 * 1024, 2.0), (1536 * 1536, 3.0))
+
+
+def auto_factor(pixel_area: int) -> float:
+    """The reference's resolution-adaptive factor: 2 up to 1024^2 pixels, 3 up to 1536^2, 4 above."""
+    return next((f for area, f in AUTO_FACTORS if pixel_area <= area), 4.0)
 
 
 @register
 @dataclass(frozen=True)
 class ToDoConfig(MethodConfig):
-    """factor: key/value downsampling factor per side at the finest level (1 = off).
+    """factor: key/value downsampling factor per side at the finest level (1 = off), or "auto" (by the
+    image size: 2 up to 1024^2 pixels, 3 up to 1536^2, 4 above; in a policy, factor 0 means auto).
+    mode: how keys/values are downsampled: "nearest-exact" (default), "nearest", "bilinear",
+    "bicubic" (interpolation) or "avg", "max" (pooling).
+    max_downsample: the levels the factor applies to, as a downsample factor (1, 2, 4, 8; tomesd's
+    and ToDo's meaning: 1 is the finest token grid with attention, 2 adds the next level, ...).
     factor_t: downsampling factor over frames on video grids (0: by family, see frames_factor).
-    level_factors: {level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}.
+    level_factors: {level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}; the
+    reference's `downsample_factor_level_2` is level_factors={1: f}.
     start, end: the part of the run (fraction of steps) in which ToDo acts.
     cost_model: skip calls where pooling costs more than it saves (diffaccel.cost); None: only at
     the default factor and schedule."""
 
-    factor: float = 2.0
-    mode: str = "nearest"
+    factor: float | str = 2.0
+    mode: str = "nearest-exact"
     max_downsample: int = 1
     level_factors: dict = field(default_factory=dict)
     start: float = 0.0
@@ -59,6 +78,14 @@ class ToDoConfig(MethodConfig):
     name = "todo"
     priority = 0
     params = ("factor",)
+    # the reference's argument names (ImprovedTokenMerge's apply_patch)
+    aliases = {"downsample_factor": "factor", "downsample_method": "mode", "downsample_factor_level_2": "level_factors"}
+
+    @classmethod
+    def translate(cls, key: str, value):
+        if key == "downsample_factor_level_2":
+            return "level_factors", {1: value}
+        return super().translate(key, value)
 
     def __hash__(self):
         return hash((self.factor, self.mode, self.max_downsample, tuple(sorted(self.level_factors.items())),
@@ -66,9 +93,12 @@ class ToDoConfig(MethodConfig):
 
     def validate(self) -> None:
         n = type(self).__name__
-        check_number(n, "factor", self.factor, 1.0, 64.0)
+        if self.factor != AUTO:
+            if isinstance(self.factor, str):
+                raise ValueError(f"{n}.factor must be a number in [1.0, 64.0] or 'auto', got {self.factor!r}")
+            check_number(n, "factor", self.factor, 1.0, 64.0)
         check_choice(n, "mode", self.mode, POOL_MODES)
-        check_number(n, "max_downsample", self.max_downsample, 1, 8, integer=True)
+        check_downsample(n, "max_downsample", self.max_downsample)
         if not isinstance(self.level_factors, dict):
             raise TypeError(f"{n}.level_factors must be a dict {{level: factor}}, got {self.level_factors!r}")
         for level, f in self.level_factors.items():
@@ -84,9 +114,14 @@ class ToDoConfig(MethodConfig):
         if self.end <= self.start:
             raise ValueError(f"{n} needs start < end, got start={self.start}, end={self.end}")
 
+    def check_param(self, key: str, value: float) -> None:
+        if value != 0:  # 0: auto
+            check_number(type(self).__name__, key, value, 1.0, 64.0)
+
     def default_policy(self) -> Policy:
         when = Window(self.start, self.end)
-        rules = [Rule(Selector(kind="self_attn", level=(0, self.max_downsample - 1)), {"factor": self.factor}, when)]
+        factor = 0.0 if self.factor == AUTO else self.factor
+        rules = [Rule(Selector(kind="self_attn", level=downsample_levels(self.max_downsample)), {"factor": factor}, when)]
         rules += [Rule(Selector(kind="self_attn", level=lvl), {"factor": f}, when)
                   for lvl, f in sorted(self.level_factors.items())]
         return Policy(tuple(rules))
@@ -99,7 +134,7 @@ class ToDoConfig(MethodConfig):
         return None
 
     def wraps_forward(self, site: Site) -> bool:
-        return not kv_attention(site)
+        return True  # pooling inside attention needs it, on a site whose processor may change later
 
     def conflict(self, site: Site, others: list[MethodConfig]) -> str | None:
         reducers = [m.name for m in others if m.reduces_tokens and not m.caches]  # ToCa reuses such sites whole
@@ -109,31 +144,52 @@ class ToDoConfig(MethodConfig):
         return None
 
     def is_identity(self, params: dict) -> bool:
-        return params["factor"] <= 1.0
+        return params["factor"] == 1.0  # (0 is auto)
 
     def frames_factor(self, frames: int, span: int = 1) -> float:
         """factor_t, at most the frames; 0 = `default_frames`, as ToMe's st."""
         return min(float(frames), float(self.factor_t or default_frames(frames, span)))
 
-    def act(self, site: Site, ctx, params: dict, call: SiteCall) -> None:
+    def act(self, site: Site, ctx, params: dict, call: SiteCall) -> bool:
         x = call.hidden
         span = image_span(site, ctx, x.shape[1])
         if span is None:
-            return
+            ctx.notes[site.name] = NO_GRID
+            return False
+        # the processor decides, at each call: it may have been swapped since acceleration (fused
+        # projections, an IP-Adapter or LoRA loaded, set_attn_processor)
         plain = kv_attention(site)
         if plain and (call.kwargs.get("encoder_hidden_states") is not None or call.get("attention_mask", 2) is not None):
-            return  # a context or mask was given: not plain self-attention on this call
-        factor, ft = params["factor"], self.frames_factor(span.grid[0], ctx.geometry.frame_span)
+            ctx.notes[site.name] = "its call carries a context or a mask: not plain self-attention, so it is not pooled"
+            return False
+        factor = params["factor"] or auto_factor(ctx.geometry.pixel_area)
+        ft = self.frames_factor(span.grid[0], ctx.geometry.frame_span)
         f, h, w = span.grid
         pooled = math.ceil(f / ft) * math.ceil(h / factor) * math.ceil(w / factor)
         if self.uses_cost_model():
             estimate = pooling_estimate(site.module, x, span.n, pooled, span.text, before_projection=plain)
             if not estimate.worth_it:
                 ctx.notes[site.name] = estimate.why()
-                return
-        if plain:
-            kv = pool_tokens(x, *span.grid, factor, self.mode, ft)
-            call.kwargs["encoder_hidden_states"] = kv
-        else:
-            call.around = PooledAttention(span, factor, self.mode, ft)
+                return False
         call.keys_values = x.shape[1] - span.n + pooled
+        if plain:
+            call.kwargs["encoder_hidden_states"] = pool_tokens(x, *span.grid, factor, self.mode, ft)
+            return True
+        pooling = PooledAttention(span, factor, self.mode, ft)
+        call.arounds.append(pooling)
+
+        def check(out):
+            """The attention ran elsewhere than scaled_dot_product_attention: say so, keys/values were whole."""
+            if not pooling.hits:
+                n, computed, _ = ctx.log[site.name]
+                ctx.log[site.name] = (n, computed, n)
+                ctx.notes[site.name] = NOT_POOLED
+                ctx.warn_once("todo not pooled", f"todo: {site.name} {NOT_POOLED}; describe() lists every such site")
+            return out
+
+        call.restores.append(check)
+        return True
+
+
+NOT_POOLED = ("runs attention that does not call scaled_dot_product_attention (its processor or attention "
+              "backend): keys/values not pooled")

@@ -23,7 +23,11 @@ from .base import CellReductionConfig, check_bool, register
 class ToMeConfig(CellReductionConfig):
     """ratio: fraction of a site's tokens merged away (at most 1 - 1/(sx*sy): one token per cell stays).
     st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
-    max_downsample: how many resolution levels, from the finest, are merged.
+    max_downsample: the levels merged, as tomesd's downsample factor (1, 2, 4 or 8): 1 merges the
+    finest token grid that has attention, 2 that and the grid at half its resolution, and so on. On
+    SD 1.x/2.x this is exactly tomesd's meaning; on SDXL, which has no attention at full latent
+    resolution, it counts from the finest level with attention (tomesd's max_downsample=1 selects
+    nothing there). tomesd's apply_patch arguments are these fields: its calls port unchanged.
     metric: similarity measured on the block's input ("block", as ToMeSD: one matching per block
     shared by its merged sub-layers) or on each sub-layer's own input ("hidden").
     cost_model: skip calls where merging costs more than it saves (diffaccel.cost); None: only at
