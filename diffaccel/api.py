@@ -15,10 +15,11 @@ from diffaccel.pipelines import (
     UnsupportedModelError,
     adapter_for,
     supported_families,
+    unwrap,
 )
 
 from .methods.base import MethodConfig, available_methods, method_class
-from .runtime import BlockInputHook, BlockReuseHook, RunClock, SiteHook, SkippableForward, Tracker
+from .runtime import BlockInputHook, BlockReuseHook, PipeRef, RunClock, SiteHook, SkippableForward, Tracker
 from .sites import Site
 
 STATE_ATTR = "_diffaccel"
@@ -42,7 +43,8 @@ class Installation:
     methods: list[MethodConfig]
     clock: RunClock
     denoisers: list[DenoiserState]
-    pipe: Any = None
+    # the accelerated pipeline, weakly (a copy of a denoiser alone does not copy its pipeline)
+    pipe: PipeRef = field(default_factory=lambda: PipeRef(None))
     cfg_batched: bool | None = None  # bare denoisers: whether calls carry [uncond, cond] halves
 
 
@@ -121,7 +123,7 @@ def _denoisers(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
 
 def _plan(model: torch.nn.Module, attr: str, configs: list[MethodConfig]) -> DenoiserState:
     adapter = adapter_for(model)
-    sites = adapter.find_sites()
+    sites = adapter.sites
     placements: dict[int, list[MethodConfig]] = {}
     for site in sites:
         here = [m for m in configs if m.unsupported(site) is None and m.effective_policy().selects(site)]
@@ -175,13 +177,13 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
     if pipeline is not None and cfg_batched is not None:
         raise ValueError("cfg_batched is for bare denoisers; pipelines report their guidance layout themselves")
     for target in [pipe] + [m for _, m in members]:
-        if getattr(target, STATE_ATTR, None) is not None:
+        if installation(target) is not None:
             raise RuntimeError("this pipeline is already accelerated; call remove_acceleration(pipe) first, "
                                "or pass a list of methods to compose them")
     states = [_plan(model, attr, configs) for attr, model in members]
     _warn_idle(configs, states)
 
-    inst = Installation(configs, RunClock(num_steps), states, pipeline, cfg_batched)
+    inst = Installation(configs, RunClock(num_steps), states, PipeRef(pipeline), cfg_batched)
     try:
         for st in states:
             _install(st, inst)
@@ -195,7 +197,7 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
 
 
 def _install(st: DenoiserState, inst: Installation) -> None:
-    st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe, inst.cfg_batched)
+    st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe(), inst.cfg_batched)
     st.handles.append(st.model.register_forward_pre_hook(st.tracker.pre_hook, with_kwargs=True))
     st.handles.append(st.model.register_forward_hook(st.tracker.post_hook, with_kwargs=True))
     blocks = set()
@@ -217,7 +219,7 @@ def _install(st: DenoiserState, inst: Installation) -> None:
         block = st.model.get_submodule(name)
         st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
         st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
-    setattr(st.model, STATE_ATTR, inst)
+    unwrap(st.model).__dict__[STATE_ATTR] = inst  # (a compile wrapper forwards attributes to the module)
 
 
 def _install_block_reuse(st: DenoiserState) -> None:
@@ -249,18 +251,22 @@ def _uninstall(inst: Installation) -> None:
             st.tracker.release()
         st.hooks.clear()
         st.block_hooks.clear()
-        st.model.__dict__.pop(STATE_ATTR, None)
+        unwrap(st.model).__dict__.pop(STATE_ATTR, None)
     inst.clock.detach()
-    if inst.pipe is not None:
-        inst.pipe.__dict__.pop(STATE_ATTR, None)
+    pipe = inst.pipe()
+    if pipe is not None:
+        pipe.__dict__.pop(STATE_ATTR, None)
 
 
 def installation(pipe: Any) -> Installation | None:
     """The acceleration of a pipeline or denoiser: the pipeline's own, or (for a pipeline sharing an
     accelerated denoiser, e.g. made with `from_pipe`) its denoisers'."""
+    if isinstance(pipe, torch.nn.Module):
+        return unwrap(pipe).__dict__.get(STATE_ATTR)
     inst = pipe.__dict__.get(STATE_ATTR) if hasattr(pipe, "__dict__") else None
-    if inst is None and not isinstance(pipe, torch.nn.Module):
-        inst = next((i for a in DENOISER_ATTRS if (i := getattr(getattr(pipe, a, None), STATE_ATTR, None))), None)
+    if inst is None:
+        denoisers = [m for a in DENOISER_ATTRS if isinstance(m := getattr(pipe, a, None), torch.nn.Module)]
+        inst = next((i for m in denoisers if (i := unwrap(m).__dict__.get(STATE_ATTR))), None)
     return inst
 
 

@@ -50,7 +50,7 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
     for attr, model in members:
         st = by_model.get(id(model))
         adapter = st.adapter if st else adapter_for(model)
-        sites = st.sites if st else adapter.find_sites()
+        sites = st.sites if st else adapter.sites
         hooks: dict[int, SiteHook] = {h.site.index: h for h in st.hooks} if st else {}
         methods = inst.methods if inst else []
         last = st.tracker.last if st and st.tracker else None
@@ -68,7 +68,7 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
                 entry: dict[str, Any] = {"acts": hook is not None and m in hook.methods, "reason": reason}
                 if entry["acts"]:
                     i = hook.methods.index(m)
-                    entry["plan"] = [hook.params_at(s, steps)[i] for s in range(steps)]
+                    entry["plan"] = [m.planned(site, s, steps, hook.params_at(s, steps)[i]) for s in range(steps)]
                 row["methods"][m.name] = entry
             done = {s: log[s][site.name] for s in sorted(log) if site.name in log[s]}
             row["last_run"] = {s: {"tokens": t, "computed": c, "keys_values": kv} for s, (t, c, kv) in done.items()}

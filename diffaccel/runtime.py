@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
+from diffaccel.pipelines import DENOISER_ATTRS, unwrap
+
 from .methods.base import CacheEntry, MethodConfig, SiteCall
 from .sites import Geometry, Site
 
 MAX_FRAMES = 64  # how far up the stack a denoiser call looks for the pipeline running it
 
 
-class _PipeRef:
+class PipeRef:
     """A weak reference to a pipeline that `copy.deepcopy` maps onto the copy of that pipeline (a
     plain weakref would still point at the original), or drops when the pipeline is not copied."""
 
@@ -35,9 +37,9 @@ class _PipeRef:
     def __call__(self) -> Any:
         return self._ref() if self._ref is not None else None
 
-    def __deepcopy__(self, memo: dict) -> _PipeRef:
+    def __deepcopy__(self, memo: dict) -> PipeRef:
         pipe = self()
-        return _PipeRef(memo.get(id(pipe)) if pipe is not None else None)
+        return PipeRef(memo.get(id(pipe)) if pipe is not None else None)
 
 
 class _Patch:
@@ -48,7 +50,7 @@ class _Patch:
 
     def __init__(self, owner: Any, name: str, clock: RunClock):
         self.name, self.clock = name, clock
-        self.owner_ref = _PipeRef(owner) if name == "progress_bar" else None
+        self.owner_ref = PipeRef(owner) if name == "progress_bar" else None
         self.owner = None if self.owner_ref is not None else owner
         self.had_previous = name in owner.__dict__
         self.previous = owner.__dict__.get(name)
@@ -151,10 +153,9 @@ class RunClock:
         self.num_steps = num_steps
         self._fixed_steps = num_steps
         self.patches: list[_Patch] = []
-        self.pipes: list[_PipeRef] = []  # pipelines that drive the clock, the accelerated one first
-        self.current = _PipeRef(None)  # the pipeline running now (or last)
+        self.pipes: list[PipeRef] = []  # pipelines that drive the clock, the accelerated one first
+        self.current = PipeRef(None)  # the pipeline running now (or last)
         self.loops = 0  # denoising loops of driving pipelines now running
-        self._ended = -1  # the last run whose end was announced
         self.on_run_end: list = []  # called when a run's last step is done or its loop is left
 
     # -- pipelines and schedulers ------------------------------------------------------------
@@ -162,11 +163,26 @@ class RunClock:
         """Follow this pipeline's runs (its scheduler and its denoising loop)."""
         if any(ref() is pipe for ref in self.pipes):
             return
-        self.pipes.append(_PipeRef(pipe))
+        self.pipes.append(PipeRef(pipe))
         self._patch_scheduler(getattr(pipe, "scheduler", None))
         if callable(getattr(pipe, "progress_bar", None)):
             self.patches.append(_ProgressBar(pipe, "progress_bar", self))
-        self.current = _PipeRef(pipe)
+        self.current = PipeRef(pipe)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget pipelines that are gone, and unpatch schedulers no followed pipeline uses any more
+        (a swapped-out scheduler, or that of a pipeline that is gone)."""
+        self.pipes = [ref for ref in self.pipes if ref() is not None]
+        used = {id(getattr(ref(), "scheduler", None)) for ref in self.pipes}
+        keep = []
+        for patch in self.patches:
+            target = patch.target()
+            if target is None or (patch.owner is not None and id(target) not in used):
+                patch.remove()
+            else:
+                keep.append(patch)
+        self.patches = keep
 
     def _patch_scheduler(self, scheduler: Any) -> bool:
         """Patch a scheduler (once); False when it is already followed or has nothing to follow."""
@@ -184,7 +200,7 @@ class RunClock:
             patch.remove()
         self.patches.clear()
         self.pipes.clear()
-        self.current = _PipeRef(None)
+        self.current = PipeRef(None)
 
     @property
     def driven(self) -> bool:
@@ -193,15 +209,16 @@ class RunClock:
     def sync(self, pipe: Any) -> None:
         """`pipe` is running the denoiser: adopt it if it is new to the clock, and follow its scheduler
         if it was swapped. Either way the run is taken up where its scheduler stands."""
-        self.current = _PipeRef(pipe)
+        self.current = PipeRef(pipe)
         known = any(ref() is pipe for ref in self.pipes)
         if known and self._follows(getattr(pipe, "scheduler", None)):
             return
         if known:
             self._patch_scheduler(pipe.scheduler)
+            self._prune()
         else:
             self.attach(pipe)
-        left, done = _position(getattr(pipe, "scheduler", None))
+        left, done = _position(pipe)
         self.new_run(left)
         self.step = done
 
@@ -213,19 +230,19 @@ class RunClock:
             if frame is None:
                 return
             owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-            if owner is not None and hasattr(owner, "scheduler") and \
-                    any(getattr(owner, attr, None) is model for attr in _DENOISER_ATTRS):
+            if owner is not None and hasattr(owner, "scheduler") and hasattr(type(owner), "__weakref__") and \
+                    any(unwrap(getattr(owner, attr, None)) is unwrap(model) for attr in DENOISER_ATTRS):
                 self.sync(owner)
                 return
             frame = frame.f_back
 
     # -- runs --------------------------------------------------------------------------------
     def begin_loop(self, pipe: Any, total: int | None) -> None:
-        self.loops += 1
         self.sync(pipe)
-        steps = _loop_steps(total, getattr(pipe, "scheduler", None))
+        steps = _loop_steps(pipe, total)
         if steps:
             self.num_steps = self.step + steps
+        self.loops += 1
 
     def end_loop(self) -> None:
         self.loops = max(0, self.loops - 1)
@@ -233,9 +250,8 @@ class RunClock:
             self.end_run()
 
     def end_run(self) -> None:
-        if self._ended == self.run:
-            return
-        self._ended = self.run
+        """Announce the end of the run (its last counted step is done, or its loop was left: both may
+        come; the listeners release caches and warn once, so a second call changes nothing)."""
         for listener in self.on_run_end:
             listener()
 
@@ -246,9 +262,6 @@ class RunClock:
         self.num_steps = num_steps or self._fixed_steps
 
 
-_DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
-
-
 def _count(timesteps: Any) -> int | None:
     try:
         return len(timesteps) if timesteps is not None else None
@@ -256,25 +269,39 @@ def _count(timesteps: Any) -> int | None:
         return None
 
 
-def _position(scheduler: Any) -> tuple[int | None, int]:
-    """(steps of the scheduler's current run, steps already done): its timesteps after the begin index
-    (img2img starts part-way), and its step index."""
-    total = _count(getattr(scheduler, "timesteps", None))
+def _loop_length(pipe: Any) -> int | None:
+    """The timesteps a pipeline's denoising loop runs over (one scheduler step each), as most pipelines
+    record them just before the loop (`_num_timesteps`: after img2img's strength and SDXL's
+    denoising_start / denoising_end took their part, with PNDM's extra step and Heun's second
+    evaluations counted)."""
+    n = getattr(pipe, "_num_timesteps", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _position(pipe: Any) -> tuple[int | None, int]:
+    """(steps of the pipeline's current run, steps already done), for a run taken up part-way: the loop's
+    length, else the scheduler's timesteps after its begin index; done from its step index."""
+    scheduler = getattr(pipe, "scheduler", None)
     begin = getattr(scheduler, "begin_index", None) or 0
     index = getattr(scheduler, "step_index", None)
     done = max(0, index - begin) if isinstance(index, int) else 0
-    return (total - begin if total else None), done
+    total = _count(getattr(scheduler, "timesteps", None))
+    return _loop_length(pipe) or (total - begin if total else None), done
 
 
-def _loop_steps(total: int | None, scheduler: Any) -> int | None:
-    """Scheduler steps of a denoising loop whose progress bar counts `total`: one each, but a
-    second-order scheduler (Heun, DPM2) steps twice per counted step, except at its end."""
+def _loop_steps(pipe: Any, total: int | None) -> int | None:
+    """Scheduler steps of a denoising loop whose progress bar counts `total`: the loop's length where
+    the pipeline records it; else `total`, but a second-order scheduler (Heun, DPM2) steps twice per
+    counted step, except at its end."""
+    if _loop_length(pipe):
+        return _loop_length(pipe)
     if not total:
         return None
+    scheduler = getattr(pipe, "scheduler", None)
     order = getattr(scheduler, "order", 1) or 1
     if order == 1:
         return total
-    left, done = _position(scheduler)
+    left, done = _position(pipe)
     return min(total * order, left - done) if left else total * order
 
 
@@ -318,7 +345,7 @@ class Tracker:
         self.cfg_override = cfg_batched
         self.adapter = adapter
         self.clock = clock
-        self.pipe = _PipeRef(pipe)
+        self.pipe = PipeRef(pipe)
         self.ctx: Context | None = None
         self.last: Context | None = None
         self.log: dict[int, dict[str, tuple]] = {}  # step -> site -> (tokens, computed, keys/values)

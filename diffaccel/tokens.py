@@ -286,9 +286,13 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
         lead = mask.shape[:-1]
         m = mask.reshape(-1, 1, mask.shape[-1]).transpose(1, 2)  # (rows, S, 1)
 
+        # a nearest key keeps its token's mask; a key mixed from several tokens (avg, bilinear,
+        # bicubic) is visible where one of them is (max), never an interpolated bias
+        mode = self.mode if self.mode in ("nearest-exact", "nearest", "max") else "max"
+
         def pool(img):
             pooled = pool_tokens(img.to(torch.float32) if mask.dtype == torch.bool else img, *self.span.grid,
-                                 self.factor, self.mode, self.factor_t)
+                                 self.factor, mode, self.factor_t)
             return pooled > 0 if mask.dtype == torch.bool else pooled.to(mask.dtype)
 
         out = self.span.replace(m, 1, pool)
@@ -320,18 +324,20 @@ PROBE_TILE = 1 << 22
 
 class AttentionProbe(torch.overrides.TorchFunctionMode):
     """Reads one statistic of the first scaled_dot_product_attention call made while it is active, from
-    the queries, keys and values the processor really used (after its norms and rotary embedding),
-    and lets the call run unchanged. Token-wise caching scores tokens with it:
+    the queries, keys and values the processor really used (after its norms and rotary embedding).
+    Token-wise caching scores tokens with it:
 
         "received"  attention each key token receives: softmax probabilities summed over the queries,
-                    averaged over heads -> (B, keys)  (self-attention; computed in query tiles, so no
-                    queries x keys map is held beyond PROBE_TILE elements a batch row)
-        "vnorm"     per-head value norms n_h, as sum_h (1 - n_h) -> (B, keys)  (DuCa's score: larger for
-                    smaller norms)
+                    averaged over heads -> (B, keys)  (self-attention: ToCa's DiT and Flux score)
         "entropy"   entropy of each query's attention over the keys, of the head-averaged probabilities
                     -> (B, queries)  (cross-attention over the text: ToCa's PixArt score)
+        "vnorm"     per-head value norms n_h, as sum_h (1 - n_h) -> (B, keys)  (DuCa's score: larger for
+                    smaller norms)
 
-    `result` holds the statistic (float32) once a call was seen, else None."""
+    For "received" and "entropy" the call's attention is computed explicitly from the same
+    probabilities, in query tiles (no queries x keys map beyond PROBE_TILE elements a batch row), and
+    returned in place of the call's, as the references compute their maps: the map costs no second
+    pass over the scores. `result` holds the statistic (float32) once a call was seen, else None."""
 
     STATS = ("received", "vnorm", "entropy")
 
@@ -345,33 +351,38 @@ class AttentionProbe(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.result is None:
-            names = ("query", "key", "value", "attn_mask")
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
             values = list(args) + [kwargs[k] for k in names[len(args):] if k in kwargs]
             q, k, v = values[:3]
             mask = values[3] if len(values) > 3 else None
-            if q.ndim == 4 and k.ndim == 4 and not kwargs.get("is_causal", False):
-                with torch.no_grad():
-                    self.result = self._measure(q, k, v, mask, kwargs.get("scale"))
+            plain = not kwargs.get("is_causal", False) and not (len(values) > 4 and values[4])  # no dropout
+            if q.ndim == 4 and k.ndim == 4 and plain:
+                if self.stat == "vnorm":
+                    self.result = (1 - v.detach().float().norm(dim=-1)).sum(dim=1)  # (B, H, L) -> (B, L)
+                else:
+                    out, self.result = self._attend(q, k, v, mask, kwargs.get("scale"))
+                    return out
         return func(*args, **kwargs)
 
-    def _measure(self, q, k, v, mask, scale) -> torch.Tensor:
-        if self.stat == "vnorm":
-            return (1 - v.float().norm(dim=-1)).sum(dim=1)  # (B, H, L) -> (B, L)
+    def _attend(self, q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, statistic), from one softmax per query tile."""
         b, heads, nq, d = q.shape
+        if k.shape[1] != heads:  # grouped-query attention: each key head serves a group of query heads
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
         scale = scale if scale is not None else 1 / math.sqrt(d)
-        kt = k.float().transpose(-1, -2)
+        kt, vf = k.float().transpose(-1, -2), v.float()
         rows = max(1, PROBE_TILE // max(1, k.shape[-2] * heads))
-        parts = []
+        outs, stats = [], []
         for start in range(0, nq, rows):
             logits = q[:, :, start:start + rows].float() @ kt * scale
             if mask is not None:
                 m = mask[..., start:start + rows, :] if mask.ndim >= 2 and mask.shape[-2] == nq else mask
                 logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-            p = torch.softmax(logits, dim=-1).mean(dim=1)  # (B, rows, keys), averaged over heads
-            if self.stat == "received":
-                parts.append(p.sum(dim=1))
-            else:
-                parts.append(-(p * torch.log(p + 1e-7)).sum(dim=-1))
-        if self.stat == "received":
-            return torch.stack(parts).sum(dim=0)
-        return torch.cat(parts, dim=1)
+            p = torch.softmax(logits, dim=-1)
+            outs.append(p @ vf)
+            with torch.no_grad():
+                mean = p.detach().mean(dim=1)  # (B, rows, keys), averaged over heads
+                stats.append(mean.sum(dim=1) if self.stat == "received" else -(mean * torch.log(mean + 1e-7)).sum(dim=-1))
+        stat = torch.stack(stats).sum(dim=0) if self.stat == "received" else torch.cat(stats, dim=1)
+        return torch.cat(outs, dim=2).to(q.dtype), stat

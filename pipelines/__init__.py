@@ -71,8 +71,10 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     why = next((r for c in type(model).__mro__ if (r := REFUSED.get(c.__name__))), None)
     if why is None:
         adapter = next((cls(model) for cls in ADAPTERS if cls.matches(model)), None)
-        if adapter is not None and adapter.find_sites():
-            return adapter
+        if adapter is not None:
+            adapter.sites = adapter.find_sites()
+            if adapter.sites:
+                return adapter
         why = "it has no transformer blocks a family adapter knows (Kandinsky 2.x's U-Net, for one, attends " \
               "with added text keys and values instead)" if adapter is not None else "it is not a supported denoiser"
     raise UnsupportedModelError(f"{name}: {why}; supported families: {', '.join(supported_families())}")

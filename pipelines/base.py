@@ -41,6 +41,7 @@ class Adapter:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.sites: list[Site] = []  # found by adapter_for
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:

@@ -164,9 +164,9 @@ def test_duca_block_reuse_needs_every_sub_layer_of_the_block(make_case):
 def test_every_score_selects_the_scheduled_count(make_case, score, monkeypatch):
     from diffaccel.tokens import AttentionProbe
 
-    probed = []
-    original = AttentionProbe._measure
-    monkeypatch.setattr(AttentionProbe, "_measure", lambda self, *a: probed.append(self.stat) or original(self, *a))
+    probes = []
+    original = AttentionProbe.__init__
+    monkeypatch.setattr(AttentionProbe, "__init__", lambda self, stat: probes.append(self) or original(self, stat))
     case = make_case("pixart")
     accelerate_pipeline(case.pipe, "toca", interval=3, fresh_ratio=0.3, score=score, kind_weights=ALL_KINDS,
                         step_weight=0.0, depth_weight=0.0)
@@ -180,7 +180,7 @@ def test_every_score_selects_the_scheduled_count(make_case, score, monkeypatch):
     # step; the cross-attention's at the full step and whenever it computes fresh tokens
     expected = {"attention": ["received"] * blocks, "vnorm": ["vnorm"] * blocks,
                 "entropy": ["entropy"] * blocks * 3}.get(score, [])
-    assert probed == expected
+    assert [p.stat for p in probes if p.result is not None] == expected
     notes = [s["last_run_note"] for s in describe(case.pipe)["denoisers"][0]["sites"]]
     assert not any(notes), notes  # every block had the score's source
     assert torch.equal(case.run(steps=3), out)  # deterministic
@@ -383,3 +383,25 @@ def test_configs_are_exported_and_round_trip():
         d = cfg.to_dict()
         assert d["method"] == cls.name and d["interval"] == 4 and d["fresh_ratio"] == 0.1
         assert hash(cfg) == hash(cls(interval=4, fresh_ratio=0.1, warmup=3))
+
+
+def test_image_and_text_feed_forwards_of_a_block_choose_apart(make_case, monkeypatch):
+    """Only feed-forwards that see the same tokens share a fresh set: a double-stream block's image and
+    text feed-forwards choose their own, even when the text is as long as the image."""
+    from diffaccel.methods.toca import TokenwiseCache
+
+    picks, refresh = {}, TokenwiseCache.refresh
+
+    def recording(self, site, ctx, params, entry, call):
+        refresh(self, site, ctx, params, entry, call)
+        picks.setdefault(site.name, []).append((entry.extra["staleness"] == 0).nonzero().tolist())
+
+    monkeypatch.setattr(TokenwiseCache, "refresh", recording)
+    case = make_case("flux")
+    accelerate_pipeline(case.pipe, "toca", fresh_ratio=0.3, kind_weights={"ff": 1.0}, step_weight=0.0,
+                        depth_weight=0.0, cell=0)
+    text = torch.randn(1, 256, 32, generator=torch.Generator().manual_seed(1))  # 256 text tokens, 256 image
+    case.pipe(prompt_embeds=text, pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=3, height=256,
+              width=256, output_type="latent")
+    image, words = picks["transformer_blocks.0.ff"], picks["transformer_blocks.0.ff_context"]
+    assert len(image) == len(words) == 2 and image != words

@@ -169,3 +169,41 @@ def test_tome_on_a_unet_agrees_with_tomesd(options):
         remove_acceleration(unet)
     assert (ref - base).abs().max() > 1e-2  # merging did change the output
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_pooled_attention_keeps_masks_binary_whatever_the_mode():
+    from diffaccel.tokens import ImageSpan, PooledAttention
+
+    mask = torch.zeros(2, 1, 1, 16)
+    mask[..., 5] = float("-inf")  # one padded key on a 4 x 4 grid
+    for mode in ("bilinear", "bicubic", "avg", "nearest-exact"):
+        pooled = PooledAttention(ImageSpan((1, 4, 4)), 2, mode)._pool_mask(mask)
+        assert pooled.shape == (2, 1, 1, 4)
+        assert not pooled.isnan().any() and set(pooled.unique().tolist()) <= {0.0, float("-inf")}
+
+
+def test_attention_probe_reads_grouped_query_attention():
+    from diffaccel.tokens import AttentionProbe
+
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    probe = AttentionProbe("received")
+    with probe:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    p = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / 8 ** 0.5).softmax(-1).mean(1)
+    torch.testing.assert_close(probe.result, p.sum(1))
+
+
+@pytest.mark.parametrize("stat", ["received", "entropy"])
+def test_attention_probe_hands_back_the_attention_it_computed(stat):
+    """The map's probabilities also give the output, as the references compute attention explicitly:
+    no second pass over the scores, and the same output as scaled_dot_product_attention."""
+    from diffaccel.tokens import AttentionProbe
+
+    q, k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[1, ..., :7] = float("-inf")
+    probe = AttentionProbe(stat)
+    with probe:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-4)
+    assert probe.result.shape == (2, 40)

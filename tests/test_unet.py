@@ -299,7 +299,7 @@ def test_reference_argument_names_port_unchanged(make_case):
                        "prune_crossattn_flag": False, "prune_mlp_flag": True},
               {"ratio": 0.4, "max_downsample": 2, "noise": 0.2, "prune_attn": True, "prune_crossattn": False,
                "prune_mlp": True}),
-             ("todo", {"downsample_factor": 3, "downsample_method": "avg", "downsample_factor_level_2": 2},
+             ("todo", {"downsample_factor": 3, "downsample_method": "avg_pool", "downsample_factor_level_2": 2},
               {"factor": 3, "mode": "avg", "level_factors": {1: 2}})]
     for method, theirs, ours in pairs:
         a, b = make_case("sd1"), make_case("sd1")

@@ -61,6 +61,19 @@ def test_img2img_plans_over_the_steps_that_run_and_releases_its_caches(make_case
     assert cache["entries"] == 0 and cache["bytes"] == 0 and cache["peak_bytes"] > 0  # released on return
 
 
+def test_pndm_extra_step_is_planned_and_the_caches_released(make_case):
+    """PNDM (SD 1.5's scheduler) runs one step more than num_inference_steps: the run counts it."""
+    from diffusers import PNDMScheduler
+
+    case = make_case("sd1")
+    case.pipe.scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    accelerate_pipeline(case.pipe, "fora")
+    sd_call(case.pipe, steps=6)
+    den = describe(case.pipe)["denoisers"][0]
+    assert den["last_call"]["num_steps"] == 7 and den["cache"]["entries"] == 0
+    assert [s for s, c in top_attn1(case.pipe).items() if c] == [0, 3, 6]  # the last step is computed
+
+
 def test_sdxl_denoising_end_and_denoising_start_plan_over_their_part(make_case):
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline
 
@@ -110,6 +123,23 @@ def test_from_pipe_with_another_scheduler_is_accelerated_and_never_stale(make_ca
     remove_acceleration(other)  # the shared denoiser's acceleration is removed from both
     assert installation(case.pipe) is None and "set_timesteps" not in other.scheduler.__dict__
     assert "progress_bar" not in other.__dict__
+
+
+def test_the_first_call_of_a_shared_img2img_pipeline_plans_over_its_part(make_case):
+    """Its first call is met mid-loop (its progress bar was not known yet): the run is still laid over
+    the steps that loop runs, and released at its end; later calls equal it."""
+    from diffusers import AutoPipelineForImage2Image, DDIMScheduler
+
+    case = make_case("sd1")
+    accelerate_pipeline(case.pipe, ["fora", SECOND_HALF])
+    i2i = AutoPipelineForImage2Image.from_pipe(case.pipe, scheduler=DDIMScheduler.from_config(case.pipe.scheduler.config))
+    i2i.set_progress_bar_config(disable=True)
+    image = embeds(5, 1, 4, 32, 32)
+    first = sd_call(i2i, steps=10, image=image, strength=0.5)
+    den = describe(i2i)["denoisers"][0]
+    assert den["last_call"]["num_steps"] == 5 and den["cache"]["entries"] == 0
+    assert top_attn1(i2i) == {0: 1024, 1: 0, 2: 0, 3: 512, 4: 512}
+    assert torch.equal(sd_call(i2i, steps=10, image=image, strength=0.5), first)
 
 
 def test_deepcopy_is_an_independent_accelerated_pipeline(make_case):
@@ -180,6 +210,12 @@ def test_a_denoiser_compiled_before_patching_keeps_its_family(make_case):
     assert [s["name"] for s in den["sites"]] == [s["name"] for s in describe(plain.pipe)["denoisers"][0]["sites"]]
     torch.testing.assert_close(case.run(steps=2), want)
     remove_acceleration(case.pipe)
+    assert installation(case.pipe) is None and installation(case.pipe.unet) is None
+    torch.testing.assert_close(case.run(steps=2), make_case("sd1").run(steps=2))
+    accelerate_pipeline(case.pipe.unet, "todo", factor=2)  # the bare compiled denoiser, and off again
+    assert installation(case.pipe.unet) is not None
+    remove_acceleration(case.pipe.unet)
+    assert installation(case.pipe) is None
 
 
 # -- families we do not handle -----------------------------------------------------------------------

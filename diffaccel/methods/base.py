@@ -271,6 +271,10 @@ class MethodConfig:
         """Caching methods that plan "partial" calls: rewrite the call and write its output into the entry."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def planned(self, site: Site, step: int, num_steps: int, params: dict | None) -> dict | None:
+        """What describe() shows of the method's parameters at a step of a run of num_steps."""
+        return params
+
     def cycle_end(self, ctx: Any, params: dict) -> int | None:
         """Caching methods: for an output computed in full at this call, the step at which the next full
         computation is due."""

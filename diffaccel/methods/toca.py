@@ -3,10 +3,10 @@
 Every `interval` steps each selected sub-layer runs in full and its output is stored. On the steps
 between, only a fresh fraction of its tokens is recomputed and written into the stored output; the
 other tokens keep their cached output. The compute is token-partial for real: feed-forward and
-cross-attention run on the fresh tokens only, and self-attention runs the queries of the fresh tokens
-against keys and values of all tokens (on image-token layouts; where self-attention mixes text and
-image tokens or takes rotary embeddings it reuses its whole cached output on those steps, as the
-paper's own code does for self-attention everywhere).
+cross-attention run on the fresh tokens only. Self-attention is reused whole by default, as the
+paper's code does (its kind weight is 0); given a weight above 0 it runs the queries of the fresh
+tokens against keys and values of all tokens on image-token layouts, and still reuses its whole
+cached output where it mixes text and image tokens or takes rotary embeddings.
 
 How many tokens are fresh follows the reference's formula: the product of the policy's
 `fresh_ratio` R, a step factor, a depth factor, a sub-layer-kind weight and a stream weight, clamped
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -133,8 +134,8 @@ class TokenwiseCache(MethodConfig):
         check_number(n, "cell", self.cell, 0, 64, integer=True)
         check_number(n, "cell_frames", self.cell_frames, 1, 64, integer=True)
         check_number(n, "cell_weight", self.cell_weight, 0.0, 100.0)
-        check_number(n, "step_weight", self.step_weight, -1.0, 1.0)
-        check_number(n, "depth_weight", self.depth_weight, -1.0, 1.0)
+        check_number(n, "step_weight", self.step_weight, -10.0, 10.0)
+        check_number(n, "depth_weight", self.depth_weight, -10.0, 10.0)
         check_bool(n, "depth_per_stream", self.depth_per_stream)
         check_number(n, "depth_span", self.depth_span, 0, 100_000, integer=True)
         check_number(n, "interval_weight", self.interval_weight, -0.99, 0.99)
@@ -214,6 +215,13 @@ class TokenwiseCache(MethodConfig):
         ratio *= self.kind_weights.get(site.kind, 1.0) * self.stream_weights.get(site.stream, 1.0)
         return min(1.0, max(0.0, ratio))
 
+    def planned(self, site: Site, step: int, num_steps: int, params: dict | None) -> dict | None:
+        """The policy's parameters and the fraction of tokens a cached step at `step` refreshes."""
+        if params is None:
+            return None
+        ctx = SimpleNamespace(step=step, num_steps=num_steps)
+        return {**params, "fresh": round(self.fresh_fraction(site, ctx, params), 3)}
+
     def depth_factor(self, site: Site) -> float:
         d, last = (site.stream_depth, site.stream_blocks - 1) if self.depth_per_stream else (site.depth, site.blocks - 1)
         span = self.depth_span or last
@@ -277,7 +285,7 @@ class TokenwiseCache(MethodConfig):
         k = self.fresh_count(site, ctx, params, n)
         stale = entry.extra["staleness"]
         # the feed-forward sub-layers of one block that see the same tokens share one fresh set
-        shared = ("fresh", site.block, n, k) if site.kind == "ff" else None
+        shared = ("fresh", site.block, site.layout, n, k) if site.kind == "ff" else None
         picked = ctx.shared.get(shared) if shared else None
         rows = cfg_rows(x, ctx)
         if picked is None:

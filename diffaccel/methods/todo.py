@@ -85,6 +85,8 @@ class ToDoConfig(MethodConfig):
     def translate(cls, key: str, value):
         if key == "downsample_factor_level_2":
             return "level_factors", {1: value}
+        if key == "downsample_method":
+            return "mode", {"avg_pool": "avg", "max_pool": "max"}.get(value, value)
         return super().translate(key, value)
 
     def __hash__(self):
