@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("sd1", "sdxl", "pixart", "dit", "sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video",
-            "ltx")
+FAMILIES = ("sd1", "sdxl", "animatediff", "pixart", "dit", "sd3", "sd35", "flux", "cogvideox", "wan", "wan22",
+            "hunyuan_video", "ltx")
 
 
 @dataclass
@@ -82,6 +82,26 @@ def _sd1(seed: int) -> TinyCase:
                     **extra).images
 
     return TinyCase("sd1", _quiet(pipe), call, 256, 192, True)
+
+
+def _animatediff(seed: int) -> TinyCase:
+    """The tiny SD U-Net with a motion adapter (AnimateDiff's UNetMotionModel), 2 frames of 24 x 24 latents."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    _seeded(seed)
+    unet = sd1_unet()
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8)
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=adapter,
+                               scheduler=DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False))
+
+    def call(pipe, steps, size, batch, guidance, generator, **extra):
+        return pipe(prompt_embeds=_embeds(1, batch, 8, 32), negative_prompt_embeds=_embeds(2, batch, 8, 32),
+                    num_frames=2, num_inference_steps=steps, height=size, width=size,
+                    guidance_scale=5.0 if guidance else 1.0, generator=generator, output_type="latent",
+                    **extra).frames
+
+    return TinyCase("animatediff", _quiet(pipe), call, 192, 128, True)
 
 
 def _sdxl(seed: int) -> TinyCase:
@@ -294,7 +314,7 @@ def _ltx(seed: int) -> TinyCase:
 
 
 _BUILDERS: dict[str, Callable[..., TinyCase]] = {
-    "sd1": _sd1, "sdxl": _sdxl, "pixart": _pixart, "dit": _dit, "sd3": _sd3,
+    "sd1": _sd1, "sdxl": _sdxl, "animatediff": _animatediff, "pixart": _pixart, "dit": _dit, "sd3": _sd3,
     "sd35": lambda s: _sd3(s, dual=True), "flux": _flux, "cogvideox": _cogvideox, "wan": _wan,
     "wan22": lambda s: _wan(s, two=True), "hunyuan_video": _hunyuan, "ltx": _ltx,
 }

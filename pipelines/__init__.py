@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .animatediff import AnimateDiffAdapter
 from .base import CFG_LAYOUTS, Adapter
 from .cogvideox import CogVideoXAdapter
 from .dit import DiTAdapter
@@ -18,7 +19,7 @@ from .wan import WanAdapter
 
 # Order matters: the generic fallback comes last.
 ADAPTERS: tuple[type[Adapter], ...] = (
-    UNetAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter, CogVideoXAdapter, WanAdapter,
+    UNetAdapter, AnimateDiffAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter, CogVideoXAdapter, WanAdapter,
     HunyuanVideoAdapter, LTXVideoAdapter, GenericAdapter,
 )
 
@@ -43,7 +44,6 @@ def supported_families() -> list[str]:
 # Denoisers that hold BasicTransformerBlocks (so the generic adapter would take them) whose tokens are
 # not one image grid per call: accepting them would leave the token methods acting nowhere, silently.
 REFUSED = {
-    "UNetMotionModel": "AnimateDiff's motion U-Net runs frames as a batch with temporal transformers between them",
     "UNet3DConditionModel": "a text-to-video U-Net that runs frames as a batch with temporal transformers",
     "UNetSpatioTemporalConditionModel": "Stable Video Diffusion's U-Net runs frames as a batch with temporal "
                                         "transformers",

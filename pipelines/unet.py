@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 from diffaccel.sites import Geometry, Site
 
@@ -15,6 +16,7 @@ class UNetAdapter(Adapter):
     model_classes = ("UNet2DConditionModel",)
     cfg_layout = "batched"
     input_name = "sample"
+    exclude: ClassVar[str | None] = None  # a module-path part whose transformer blocks are no sites
 
     def variant(self) -> str:
         cfg = self.model.config
@@ -37,7 +39,8 @@ class UNetAdapter(Adapter):
     def find_sites(self) -> list[Site]:
         # Execution order is down, mid, up; module registration order puts mid last.
         section = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-        sites = basic_block_sites(self, self.model, downsample=self._downsample)
+        sites = [s for s in basic_block_sites(self, self.model, downsample=self._downsample)
+                 if self.exclude is None or self.exclude not in s.name.split(".")]
         sites.sort(key=lambda s: section.get(s.name.split(".", 1)[0], 3))  # stable: keeps order inside
         blocks = list(dict.fromkeys(s.block for s in sites))
         for s in sites:

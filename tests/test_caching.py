@@ -8,7 +8,7 @@ import diffaccel
 from diffaccel import accelerate_pipeline, describe, remove_acceleration
 from diffaccel.api import installation
 
-FAMILIES = ["sd1", "sdxl", "pixart", "dit", "sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video",
+FAMILIES = ["sd1", "sdxl", "animatediff", "pixart", "dit", "sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video",
             "ltx"]
 
 

@@ -11,7 +11,7 @@ from diffaccel import accelerate_pipeline, describe, remove_acceleration
 from diffaccel.api import installation
 from diffaccel.pipelines import DENOISER_ATTRS
 
-PLAIN_FAMILIES = ["sd1", "sdxl", "pixart", "dit"]  # image tokens only, plain attention processors
+PLAIN_FAMILIES = ["sd1", "sdxl", "animatediff", "pixart", "dit"]  # image tokens only, plain attention processors
 JOINT_FAMILIES = ["sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video", "ltx"]  # text or RoPE
 FAMILIES = PLAIN_FAMILIES + JOINT_FAMILIES
 METHODS = ["tome", "todo", "sito"]
@@ -174,7 +174,7 @@ def test_fixed_seed_is_deterministic_and_odd_batches_work(make_case, family, met
     assert odd.shape[0] == 3 and torch.isfinite(odd).all()
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "pixart", "dit", "sd3", "cogvideox", "ltx"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "animatediff", "pixart", "dit", "sd3", "cogvideox", "ltx"])
 def test_batched_cfg_halves_share_the_selection(make_case, family):
     """With batched CFG, every site call reduces the cond and uncond rows with the same tokens."""
     case = make_case(family)

@@ -232,25 +232,45 @@ def kandinsky_unet():
         cross_attention_dim=32, attention_head_dim=4, resnet_time_scale_shift="scale_shift", norm_num_groups=8)
 
 
-def motion_unet(make_case):
-    from diffusers import MotionAdapter, UNetMotionModel
+def video_unet():
+    from diffusers import UNet3DConditionModel
 
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8)
-    return UNetMotionModel.from_unet2d(make_case("sd1").pipe.unet, adapter)
+    return UNet3DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
 
 
 @pytest.mark.parametrize("model,match", [
     ("kandinsky", r"UNet2DConditionModel: it has no transformer blocks a family adapter knows \(Kandinsky 2.x"),
-    ("animatediff", r"UNetMotionModel: AnimateDiff's motion U-Net runs frames as a batch"),
+    ("video-unet", r"UNet3DConditionModel: a text-to-video U-Net that runs frames as a batch"),
 ])
-def test_families_we_do_not_handle_are_refused_clearly(make_case, model, match):
-    module = kandinsky_unet() if model == "kandinsky" else motion_unet(make_case)
+def test_families_we_do_not_handle_are_refused_clearly(model, match):
+    module = kandinsky_unet() if model == "kandinsky" else video_unet()
     hooks = [(m._forward_pre_hooks.copy(), m._forward_hooks.copy()) for m in module.modules()]
     with pytest.raises(diffaccel.UnsupportedModelError, match=match + r".*supported families: SD 1.x/2.x"):
         accelerate_pipeline(module, "tome")
     assert installation(module) is None
     assert hooks == [(m._forward_pre_hooks, m._forward_hooks) for m in module.modules()]
+
+
+def test_animatediff_acts_on_each_frame_and_leaves_the_motion_modules_alone(make_case):
+    """AnimateDiff's UNetMotionModel (it was taken for a generic model, and ToMe / ToDo did nothing):
+    the spatial blocks' sub-layers are sites on each frame's grid, the motion modules run untouched."""
+    case = make_case("animatediff")
+    base = case.run(steps=2)
+    accelerate_pipeline(case.pipe, "tome", ratio=0.5)
+    den = describe(case.pipe)["denoisers"][0]
+    assert den["family"] == "AnimateDiff (SD 1.x)"
+    assert den["sites"] and not any("motion_modules" in s["name"] for s in den["sites"])
+    out = case.run(steps=2)
+    site = next(s for s in describe(case.pipe)["denoisers"][0]["sites"] if s["name"].endswith("attn1"))
+    assert site["grid"] == [1, 24, 24] and all(v["computed"] == 288 for v in site["last_run"].values())
+    assert not torch.equal(out, base) and out.shape == base.shape
+    motion = [m for n, m in case.pipe.unet.named_modules() if "motion_modules" in n]
+    assert motion and not any(m._forward_pre_hooks or m._forward_hooks for m in motion)
+    remove_acceleration(case.pipe)
+    assert torch.equal(case.run(steps=2), base)
 
 
 # -- a default that acts nowhere, an image alone or in a batch -----------------------------------------
