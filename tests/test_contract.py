@@ -254,7 +254,7 @@ def test_bad_input_raises_clear_error_and_changes_nothing(make_case, args, kwarg
 
 
 def test_unsupported_models_name_the_supported_families():
-    with pytest.raises(diffaccel.UnsupportedModelError, match="supported families: SD 1.x/2.x, SDXL, PixArt"):
+    with pytest.raises(diffaccel.UnsupportedModelError, match="supported families: SD 1.x/2.x, SDXL, AnimateDiff, PixArt"):
         accelerate_pipeline(torch.nn.Linear(4, 4), "tome")
     with pytest.raises(diffaccel.UnsupportedModelError, match="has no denoiser"):
         accelerate_pipeline(object(), "tome")
