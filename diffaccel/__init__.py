@@ -7,17 +7,21 @@
 
 from diffaccel.pipelines import UnsupportedModelError, supported_families
 
-from .api import accelerate_pipeline, remove_acceleration, reset
+from .api import accelerate_pipeline, is_accelerated, remove_acceleration, reset
+from .config import load_config, save_config
 from .describe import Description, describe
 from .methods import (
-                      DuCaConfig,
-                      FORAConfig,
-                      MethodConfig,
-                      SiToConfig,
-                      ToCaConfig,
-                      ToDoConfig,
-                      ToMeConfig,
-                      available_methods,
+    CachingMethod,
+    DuCaConfig,
+    FORAConfig,
+    MethodConfig,
+    SiToConfig,
+    ToCaConfig,
+    ToDoConfig,
+    TokenMethod,
+    ToMeConfig,
+    available_methods,
+    register,
 )
 from .policy import Constant, Cosine, Linear, Piecewise, Policy, Rule, Selector, Window
 from .reference import load_reference_pipeline
@@ -25,7 +29,9 @@ from .reference import load_reference_pipeline
 __version__ = "0.1.0"
 
 __all__ = [
-    "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig", "Piecewise", "Policy", "Rule", "Selector",
-    "SiToConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "UnsupportedModelError", "Window", "accelerate_pipeline",
-    "available_methods", "describe", "load_reference_pipeline", "remove_acceleration", "reset", "supported_families",
+    "CachingMethod", "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig",
+    "Piecewise", "Policy", "Rule", "Selector", "SiToConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod",
+    "UnsupportedModelError", "Window", "accelerate_pipeline", "available_methods", "describe", "is_accelerated",
+    "load_config", "load_reference_pipeline", "register", "remove_acceleration", "reset", "save_config",
+    "supported_families",
 ]

@@ -1,8 +1,7 @@
-"""The public verbs: accelerate_pipeline, remove_acceleration, describe."""
+"""The public verbs: accelerate_pipeline, remove_acceleration, is_accelerated, reset."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,8 @@ from diffaccel.pipelines import (
     unwrap,
 )
 
-from .methods.base import MethodConfig, available_methods, method_class
-from .runtime import BlockInputHook, BlockReuseHook, PipeRef, RunClock, SiteHook, SkippableForward, Tracker
+from .methods.base import MethodConfig, available_methods, method_class, unknown_option
+from .runtime import BlockHook, PipeRef, RunClock, SiteHook, Tracker
 from .sites import Site
 
 STATE_ATTR = "_diffaccel"
@@ -34,8 +33,13 @@ class DenoiserState:
     placements: dict[int, list[MethodConfig]]  # site index -> methods acting there
     tracker: Tracker | None = None
     hooks: list[SiteHook] = field(default_factory=list)
-    block_hooks: list[BlockReuseHook] = field(default_factory=list)  # blocks a caching method may skip whole
-    handles: list = field(default_factory=list)
+    block_hooks: list[BlockHook] = field(default_factory=list)
+    handles: list = field(default_factory=list)  # what removal undoes, in reverse order
+
+    @property
+    def skippable_blocks(self) -> list[str]:
+        """Blocks a caching method may skip whole."""
+        return [h.name for h in self.block_hooks if h.site_hooks]
 
 
 @dataclass
@@ -58,30 +62,9 @@ def _config_from(obj: Any) -> MethodConfig:
     if isinstance(obj, str):
         return method_class(obj)()
     if isinstance(obj, dict):
-        d = dict(obj)
-        name = d.pop("method", None)
-        if name is None:
-            raise ValueError(f"a method dict needs a 'method' key naming the method, got {obj!r}")
-        return _replace(method_class(name)(), d)
+        return MethodConfig.from_dict(obj)
     raise TypeError(f"a method is a registered name, a config object, a dict or a list of them; "
                     f"got {type(obj).__name__}")
-
-
-def _unknown_option(key: str, configs: list[MethodConfig]) -> TypeError:
-    allowed = sorted({f.name for c in configs for f in dataclasses.fields(c)})
-    aliases = sorted({a for c in configs for a in c.aliases})
-    return TypeError(f"unknown option {key!r} for {'/'.join(c.name for c in configs)}; allowed: {allowed}"
-                     + (f" (or the reference's names {aliases})" if aliases else ""))
-
-
-def _replace(cfg: MethodConfig, changes: dict) -> MethodConfig:
-    unknown = [k for k in changes if k not in cfg.option_names()]
-    if unknown:
-        raise _unknown_option(unknown[0], [cfg])
-    changes = dict(cfg.translate(k, v) for k, v in changes.items())
-    if getattr(cfg, "cost_model", False) is None and "cost_model" not in changes and set(changes) & set(cfg.params):
-        changes = {**changes, "cost_model": False}  # a strength the user asked for acts wherever it is selected
-    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
@@ -96,11 +79,11 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
     for key, value in overrides.items():
         owners = [i for i, c in enumerate(configs) if key in c.option_names()]
         if not owners:
-            raise _unknown_option(key, configs)
+            raise unknown_option(key, configs)
         if len(owners) > 1:
             raise ValueError(f"option {key!r} fits several methods ({[names[i] for i in owners]}); "
                              f"pass config objects instead")
-        configs[owners[0]] = _replace(configs[owners[0]], {key: value})
+        configs[owners[0]] = configs[owners[0]].with_options(**{key: value})
     return configs
 
 
@@ -200,46 +183,37 @@ def _install(st: DenoiserState, inst: Installation) -> None:
     st.tracker = Tracker(st.model, st.adapter, inst.clock, inst.pipe(), inst.cfg_batched)
     st.handles.append(st.model.register_forward_pre_hook(st.tracker.pre_hook, with_kwargs=True))
     st.handles.append(st.model.register_forward_hook(st.tracker.post_hook, with_kwargs=True))
-    blocks = set()
+    records_input = set()
     for site in st.sites:
         methods = st.placements.get(site.index)
         if not methods:
             continue
         hook = SiteHook(site, st.tracker, methods)
         st.hooks.append(hook)
-        st.handles.append(site.module.register_forward_pre_hook(hook.pre_hook, with_kwargs=True))
-        st.handles.append(site.module.register_forward_hook(hook.post_hook, with_kwargs=True))
-        if any(m.wraps_forward(site) for m in methods):
-            st.handles.append(SkippableForward(site.module, hook))
+        st.handles.extend(hook.attach(site.module))
         if any(m.needs_block_input() for m in methods):
-            blocks.add(site.block)
-    _install_block_reuse(st)
-    for name in sorted(blocks):
-        block_hook = BlockInputHook(name, st.tracker)
-        block = st.model.get_submodule(name)
-        st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
-        st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
+            records_input.add(site.block)
+    skippable = _skippable_blocks(st)
+    for name in sorted(records_input | set(skippable)):
+        block_hook = BlockHook(name, st.tracker, name in records_input, skippable.get(name, []))
+        st.block_hooks.append(block_hook)
+        st.handles.extend(block_hook.attach(st.model.get_submodule(name)))
     unwrap(st.model).__dict__[STATE_ATTR] = inst  # (a compile wrapper forwards attributes to the module)
 
 
-def _install_block_reuse(st: DenoiserState) -> None:
-    """Blocks whose every site hosts a caching method that may skip whole blocks get a
-    BlockReuseHook (sites a policy leaves out keep the block running: they are computed as usual)."""
+def _skippable_blocks(st: DenoiserState) -> dict[str, list[SiteHook]]:
+    """Blocks whose every site hosts a caching method that may skip whole blocks, with those sites'
+    hooks (a block with a site its policy leaves out keeps running: that site is computed as usual)."""
     by_block: dict[str, list] = {}
     for site in st.sites:
         by_block.setdefault(site.block, []).append(site)
     hooks = {hook.site.index: hook for hook in st.hooks}
+    out = {}
     for name, sites in by_block.items():
         hosted = [hooks.get(site.index) for site in sites]
-        if not all(h is not None and h.caching is not None and h.methods[h.caching].reuses_blocks()
-                   for h in hosted):
-            continue
-        block_hook = BlockReuseHook(name, st.tracker, hosted)
-        st.block_hooks.append(block_hook)
-        block = st.model.get_submodule(name)
-        st.handles.append(block.register_forward_pre_hook(block_hook.pre_hook, with_kwargs=True))
-        st.handles.append(block.register_forward_hook(block_hook.post_hook, with_kwargs=True))
-        st.handles.append(SkippableForward(block, block_hook))
+        if all(h is not None and h.caching is not None and h.methods[h.caching].reuses_blocks() for h in hosted):
+            out[name] = hosted
+    return out
 
 
 def _uninstall(inst: Installation) -> None:
@@ -268,6 +242,12 @@ def installation(pipe: Any) -> Installation | None:
         denoisers = [m for a in DENOISER_ATTRS if isinstance(m := getattr(pipe, a, None), torch.nn.Module)]
         inst = next((i for m in denoisers if (i := unwrap(m).__dict__.get(STATE_ATTR))), None)
     return inst
+
+
+def is_accelerated(pipe: Any) -> bool:
+    """Whether a pipeline (or a bare denoiser) runs accelerated: its own acceleration, or that of a
+    denoiser it shares with an accelerated pipeline (`from_pipe`)."""
+    return installation(pipe) is not None
 
 
 def remove_acceleration(pipe: Any) -> Any:

@@ -35,7 +35,7 @@ def sd15_unet() -> torch.nn.Module:
 def build_arch(name: str) -> torch.nn.Module:
     if name == "sd15":
         return sd15_unet()
-    from .tiny import sd1_unet
+    from .testing import sd1_unet
 
     torch.manual_seed(0)
     return sd1_unet().eval()  # "tiny-sd": the test-size U-Net, for smoke runs

@@ -28,6 +28,7 @@ def _method_arg(text: str):
     return d
 
 
+DEFAULT_METHODS = ["tome", "todo", "sito", "fora", "toca", "duca"]
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square at the bottom right on a white background"
 MODELS = {"unet": "the trained reference SD-style U-Net pipeline", "dit": "the trained reference PixArt-style DiT "
           "pipeline", "random-sd": "an SD-architecture pipeline with random weights (no redundancy to exploit)"}
@@ -36,7 +37,7 @@ MODELS = {"unet": "the trained reference SD-style U-Net pipeline", "dit": "the t
 def _load_model(name: str, weights: str | None):
     """(pipeline, default size, default steps, description) of a `diffaccel run --model` choice."""
     if name == "random-sd":
-        from .tiny import default_pipeline
+        from .testing import default_pipeline
 
         return default_pipeline(), 512, 10, MODELS[name]
     from .reference import load_reference_pipeline
@@ -45,10 +46,18 @@ def _load_model(name: str, weights: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import accelerate_pipeline, describe, remove_acceleration
+    from . import accelerate_pipeline, describe, load_config, remove_acceleration
     from .metrics import psnr, relative_error, time_call
 
     torch.set_num_threads(args.threads) if args.threads else None
+    # each row: (its label, the method spec); saved acceleration files are read before anything runs
+    specs = args.methods if args.methods is not None else ([] if args.config else DEFAULT_METHODS)
+    settings = [(spec, _method_arg(spec)) for spec in specs]
+    for path in args.config:
+        try:
+            settings.append((Path(path).name, load_config(path)))
+        except (OSError, TypeError, ValueError) as e:
+            raise SystemExit(f"--config {path}: {e}") from None
     if args.captions and args.model == "random-sd":
         raise SystemExit("--captions needs a reference model (--model unet or dit): they know the captions")
     pipe, size, steps, what = _load_model(args.model, args.weights)
@@ -70,8 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t_base, base = time_call(generate, repeats=args.repeats)
     rows = [("baseline", t_base, 1.0, float("inf"), 0.0)]
     said: dict[str, list[str]] = {}  # what each method warned about (acting nowhere, ...)
-    for spec in args.methods:
-        method = _method_arg(spec)
+    for spec, method in settings:
         # the baseline again, just before: a drift of the machine's speed then hits both sides of the ratio
         t_ref, _ = time_call(generate, repeats=args.repeats, warmup=0)
         with warnings.catch_warnings(record=True) as caught:
@@ -140,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="accelerate the embedded default pipeline, print speed-up and fidelity")
-    run.add_argument("--methods", nargs="+", default=["tome", "todo", "sito", "fora", "toca", "duca"],
-                     help="methods to compare, e.g. tome tome:ratio=0.6 todo:factor=3")
+    run.add_argument("--methods", nargs="*", default=None,
+                     help="methods to compare, e.g. tome tome:ratio=0.6 todo:factor=3 (default: every method at "
+                          "its defaults, unless --config is given)")
+    run.add_argument("--config", nargs="+", default=[], metavar="FILE",
+                     help="accelerations saved with diffaccel.save_config, one row each")
     run.add_argument("--model", choices=list(MODELS), default="dit",
                      help="; ".join(f"{k}: {v}" for k, v in MODELS.items()) + " (default: dit, the reference "
                      "model that follows its captions)")

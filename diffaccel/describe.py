@@ -82,7 +82,7 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
                 entries=len(tracker.cache), bytes=tracker.cache_bytes(), peak_bytes=tracker.cache_peak_bytes)
         out["denoisers"].append(dict(
             attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
-            whole_blocks=[h.name for h in st.block_hooks] if st else [],
+            whole_blocks=st.skippable_blocks if st else [],
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,
                                                      batch=last.batch, geometry=None if last.geometry is None
                                                      else vars(last.geometry).copy()),

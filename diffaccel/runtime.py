@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffaccel.pipelines import DENOISER_ATTRS, unwrap
 
-from .methods.base import CacheEntry, MethodConfig, SiteCall
-from .sites import Geometry, Site
+from .call import CacheEntry, CallRecord, Context, Plan, SiteCall, warn_once
+from .methods.base import MethodConfig
+from .sites import Site
 
 MAX_FRAMES = 64  # how far up the stack a denoiser call looks for the pipeline running it
 
@@ -305,37 +306,6 @@ def _loop_steps(pipe: Any, total: int | None) -> int | None:
     return min(total * order, left - done) if left else total * order
 
 
-@dataclass
-class Context:
-    """What a method needs to know about the current denoiser call."""
-
-    run: int
-    step: int
-    num_steps: int | None
-    call_in_step: int
-    branch: str  # "cond", "uncond" or "cond_uncond" (batched CFG)
-    cfg_batched: bool
-    cond_half: str
-    batch: int
-    geometry: Geometry | None
-    log: dict = field(repr=False, default_factory=dict)
-    block_inputs: dict = field(repr=False, default_factory=dict)  # block path -> its hidden-state input
-    shared: dict = field(repr=False, default_factory=dict)  # per-call results sub-layers of a block share
-    state: dict = field(repr=False, default_factory=dict)  # per-run state of caching methods (per block)
-    notes: dict = field(repr=False, default_factory=dict)  # site name -> why a method did not act (this run)
-    warned: set = field(repr=False, default_factory=set)  # warnings already given by this installation
-
-    def warn_once(self, key: Any, message: str) -> None:
-        """A UserWarning, given once per installation for each key."""
-        _warn_once(self.warned, key, message)
-
-
-def _warn_once(warned: set, key: Any, message: str) -> None:
-    if key not in warned:
-        warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=3)
-
-
 class Tracker:
     """One per denoiser: builds the Context of each call from the clock and the adapter."""
 
@@ -348,7 +318,7 @@ class Tracker:
         self.pipe = PipeRef(pipe)
         self.ctx: Context | None = None
         self.last: Context | None = None
-        self.log: dict[int, dict[str, tuple]] = {}  # step -> site -> (tokens, computed, keys/values)
+        self.log: dict[int, dict[str, CallRecord]] = {}  # step -> site -> what its call did
         self.notes: dict[str, str] = {}  # site -> why a selected method did not act (last run)
         self.warned: set = set()
         # token methods in this run: those that changed some call, and why the others did not
@@ -382,7 +352,7 @@ class Tracker:
             if why.startswith("cost model"):
                 why = (f"at its default strength the cost model found no site where it saves time ({why}); "
                        f"an explicit strength acts anyway")
-            _warn_once(self.warned, ("idle", name), f"{name} acted on no site in this run: "
+            warn_once(self.warned, ("idle", name), f"{name} acted on no site in this run: "
                        f"{why or 'no call had image tokens it could locate'}; describe() says why per site")
         self.release()
 
@@ -468,31 +438,142 @@ def _hidden_states(args: tuple, kwargs: dict) -> Any:
     return args[0] if args else kwargs.get("hidden_states")
 
 
-class BlockInputHook:
-    """Records a block's hidden-state input for the methods that measure similarity on it."""
-
-    def __init__(self, name: str, tracker: Tracker):
-        self.name = name
-        self.tracker = tracker
-
-    def pre_hook(self, module, args, kwargs):
-        if self.tracker.ctx is not None:
-            self.tracker.block_inputs[self.name] = _hidden_states(args, kwargs)
-
-    def post_hook(self, module, args, kwargs, output):
-        self.tracker.block_inputs.pop(self.name, None)
+# -- hooks ------------------------------------------------------------------------------------------
 
 
-class SiteHook:
-    """Forward pre/post hooks on one site's module, running the methods installed there in order.
+@dataclass
+class Prepared:
+    """What a hook decided before one call of its module: run the forward with these arguments inside
+    these contexts, or skip it and hand back `output`; after the call, `finish` turns the output into
+    what the caller gets (restores, storing into a cache)."""
 
-    A caching method plans each call against its cache entry: "reuse" hands the cached output to the
-    module's forward wrapper (`SkippableForward`), the module does not run, and no other method acts;
-    "partial" lets the method rewrite the call to a subset of tokens whose outputs it writes into the
-    entry; "compute" (and "recompute", inside a cycle) runs the call in full and stores its output.
-    Token methods rewrite the call, and the post-hook restores the output. Methods may also ask for
-    contexts the sub-layer's forward runs in (`SiteCall.arounds`: ToDo's pooling inside attention,
-    the attention probes of token-wise caching)."""
+    args: tuple
+    kwargs: dict
+    skip: bool = False
+    output: Any = None
+    arounds: tuple = ()
+    finish: Callable[[Any], Any] | None = None
+
+
+class Hook:
+    """One object per hooked module, shaped like diffusers' ModelHook: `pre_forward` decides what a
+    call does (None: run it as it came; a `Prepared`: run it with other arguments, inside contexts, or
+    skip it), the forward runs or is skipped, `post_forward` finishes the output, `reset_state`
+    forgets per-run state.
+
+    `attach` plugs it in with torch's forward pre- and post-hooks (so other hooks on the module see
+    the arguments and outputs as before; a pre-hook registered after ours sees the reduced call) and
+    a `HookedForward` that runs or skips the forward. The decision travels from the pre-hook to the
+    forward and the post-hook in `_pending`, the only per-call state, set and cleared by the hook itself."""
+
+    _pending: Prepared | None = None
+
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Prepared | None:
+        return None
+
+    def post_forward(self, module: torch.nn.Module, prepared: Prepared, output: Any) -> Any:
+        return prepared.finish(output) if prepared.finish is not None else output
+
+    def reset_state(self) -> None:
+        self._pending = None
+
+    # -- plumbing, the same for every hook ---------------------------------------------------------
+    def attach(self, module: torch.nn.Module) -> list:
+        """Hook `module`; the handles to remove, in order (removal goes in reverse)."""
+        return [module.register_forward_pre_hook(self._torch_pre, with_kwargs=True),
+                HookedForward(module, self),
+                module.register_forward_hook(self._torch_post, with_kwargs=True)]
+
+    def _torch_pre(self, module, args, kwargs):
+        prepared = self._pending = self.pre_forward(module, args, kwargs)
+        if prepared is None or prepared.skip:
+            return None
+        return tuple(prepared.args), prepared.kwargs
+
+    def run_forward(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        prepared = self._pending
+        if prepared is None:
+            return forward(*args, **kwargs)
+        if prepared.skip:
+            return prepared.output
+        if prepared.arounds:
+            with contextlib.ExitStack() as stack:
+                for around in prepared.arounds:
+                    stack.enter_context(around)
+                return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    def _torch_post(self, module, args, kwargs, output):
+        prepared, self._pending = self._pending, None
+        if prepared is None or prepared.skip:
+            return None
+        return self.post_forward(module, prepared, output)
+
+
+class HookedForward:
+    """Stands in for a module's `forward` (an instance attribute over the class's method) and lets the
+    module's hook run or skip the forward it replaced. An object rather than a closure, so that a deep
+    copy of the model gets hooks of its own.
+
+    Order-safe with other libraries' forward wrappers: ours may sit inside or outside theirs
+    (diffusers' HookRegistry: enable_cache, group offloading; accelerate's hooks). `remove` puts back
+    exactly what was there when ours is outermost; when another wrapper was added after ours, it
+    relinks that wrapper's reference to our inner forward where it can find it (diffusers' and
+    accelerate's hook records) and otherwise leaves ours in place as a pass-through."""
+
+    def __init__(self, module: torch.nn.Module, hook: Hook):
+        self.module, self.hook = module, hook
+        self.had_previous = "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
+        self.inner = module.forward
+        module.forward = self
+
+    def __call__(self, *args, **kwargs):
+        hook = self.hook
+        if hook is None:
+            return self.inner(*args, **kwargs)
+        return hook.run_forward(self.inner, args, kwargs)
+
+    def remove(self) -> None:
+        self.hook = None
+        d = self.module.__dict__
+        if d.get("forward") is self:
+            if self.had_previous:
+                d["forward"] = self.previous
+            else:
+                del d["forward"]
+            return
+        registry = d.get("_diffusers_hook")  # diffusers' HookRegistry, added after ours
+        for ref in getattr(registry, "_fn_refs", ()):
+            if getattr(ref, "forward", None) is self:
+                ref.forward = self.inner
+            if getattr(ref, "original_forward", None) is self:
+                ref.original_forward = self.inner
+        if d.get("_old_forward") is self:  # accelerate's add_hook_to_module, added after ours
+            d["_old_forward"] = self.inner
+
+
+@dataclass
+class _Store:
+    """A full output to store once the call ran: under `key`, for calls of `signature`, its cycle
+    begun at `step` and ending at `until`; `hidden` is the call's input (for the method's extras)."""
+
+    key: tuple
+    signature: tuple
+    step: int
+    until: int | None
+    hidden: torch.Tensor
+
+
+class SiteHook(Hook):
+    """The hook of one site: runs the methods installed there, in order, on each call.
+
+    A caching method plans each call against its cache entry: REUSE skips the forward and returns the
+    cached output (no other method acts); PARTIAL lets the method rewrite the call to a subset of
+    tokens whose outputs it writes into the entry; COMPUTE (and RECOMPUTE, inside a cycle) runs the
+    call in full and stores its output. Token methods rewrite the call (fewer query tokens, pooled
+    keys and values, contexts the forward runs in: `SiteCall.arounds`), and their restores give the
+    output back its full length."""
 
     def __init__(self, site: Site, tracker: Tracker, methods: list[MethodConfig]):
         self.site = site
@@ -500,13 +581,13 @@ class SiteHook:
         self.methods = sorted(methods, key=lambda m: m.priority)
         self.policies = [m.effective_policy() for m in self.methods]
         self.caching = next((i for i, m in enumerate(self.methods) if m.caches), None)
-        self._cache_key: tuple | None = None
+        self._params_key: tuple | None = None
         self._params: list[dict | None] = []
         self._idle = True
-        self._restores: list | None = None
-        self._store: tuple | None = None  # (cache key, signature, step, until, input) to store this call's output under
-        self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
-        self.arounds: tuple = ()  # set for the forward wrapper: contexts the call runs in
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._params_key, self._params, self._idle = None, [], True
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]
@@ -514,13 +595,12 @@ class SiteHook:
     def update_params(self, ctx: Context) -> list[dict | None]:
         """Each method's parameters at this call's step (evaluated once per step)."""
         key = (ctx.run, ctx.step, ctx.num_steps)
-        if key != self._cache_key:
-            self._cache_key, self._params = key, self.params_at(ctx.step, ctx.num_steps)
+        if key != self._params_key:
+            self._params_key, self._params = key, self.params_at(ctx.step, ctx.num_steps)
             self._idle = all(p is None for p in self._params)
         return self._params
 
-    def pre_hook(self, module, args, kwargs):
-        self._restores, self._store, self.reuse_output, self.arounds = None, None, None, ()
+    def pre_forward(self, module, args, kwargs) -> Prepared | None:
         ctx = self.tracker.ctx
         if ctx is None:
             return None
@@ -530,81 +610,89 @@ class SiteHook:
         site = self.site
         call = SiteCall(args, kwargs)
         n = call.hidden.shape[1]
-        caching = None
+        caching, store = None, None
         if self.caching is not None and params[self.caching] is not None:
             method, p = self.methods[self.caching], params[self.caching]
-            cache_key = (ctx.branch, site.index)
+            key = (ctx.branch, site.index)
             signature = (ctx.batch, ctx.geometry, tuple(call.hidden.shape))
-            entry = self.tracker.cache.get(cache_key)
+            entry = self.tracker.cache.get(key)
             if entry is not None and entry.signature != signature:
                 entry = None
-            plan = method.plan(site, ctx, p, entry, call) if entry is not None else "compute"
-            if plan == "reuse":
-                self.reuse_output = entry.output
-                ctx.log[site.name] = (n, 0, 0)
-                return None
+            plan = method.plan(site, ctx, p, entry, call) if entry is not None else Plan.COMPUTE
+            if plan == Plan.REUSE:
+                ctx.log[site.name] = CallRecord(n, 0, 0)
+                return Prepared(args, kwargs, skip=True, output=entry.output)
             caching = (method, p, entry, plan)
-            if plan != "partial":  # "recompute" runs in full inside a cycle: the entry keeps the cycle
-                start, until = (entry.step, entry.until) if plan == "recompute" else \
+            if plan != Plan.PARTIAL:  # RECOMPUTE runs in full inside a cycle: the entry keeps the cycle
+                start, until = (entry.step, entry.until) if plan == Plan.RECOMPUTE else \
                     (ctx.step, method.cycle_end(ctx, p))
-                self._store = (cache_key, signature, start, until, call.hidden)
+                store = _Store(key, signature, start, until, call.hidden)
         for method, p in zip(self.methods, params):
             if p is not None and not method.caches:
                 self.tracker.record(method, site, bool(method.act(site, ctx, p, call)))
         if caching is not None:
             method, p, entry, plan = caching
-            if plan == "partial":
+            if plan == Plan.PARTIAL:
                 method.refresh(site, ctx, p, entry, call)
             else:
                 method.prepare_compute(site, ctx, p, call)
-        ctx.log[site.name] = (n, call.hidden.shape[1], call.keys_values or n)
-        self.arounds = tuple(call.arounds)
-        self._restores = call.restores or None
-        if call.reduced or call.keys_values is not None:
-            return tuple(call.args), call.kwargs
-        return None
-
-    def post_hook(self, module, args, kwargs, output):
-        restores, self._restores = self._restores, None
-        self.arounds = ()
-        if self.reuse_output is not None:
-            self.reuse_output = None
+        ctx.log[site.name] = CallRecord(n, call.hidden.shape[1], call.keys_values or n)
+        restores = tuple(call.restores)
+        if not (restores or store or call.arounds or call.changed):
             return None
-        if restores:
+
+        def finish(output):
             for restore in reversed(restores):
                 output = restore(output)
-        if self._store is not None:
-            key, signature, step, until, hidden = self._store
-            self._store = None
-            entry = CacheEntry(output, step, signature, until)
-            ctx = self.tracker.ctx
-            if ctx is not None:
-                method = self.methods[self.caching]
-                method.init_entry(self.site, ctx, self._params[self.caching], entry, hidden)
-            self.tracker.store(key, entry)
-        return output if restores else None
+            if store is not None:
+                self._store(ctx, store, output)
+            return output
+
+        return Prepared(tuple(call.args), call.kwargs, arounds=tuple(call.arounds), finish=finish)
+
+    def _store(self, ctx: Context, store: _Store, output: Any) -> None:
+        entry = CacheEntry(output, store.step, store.signature, store.until)
+        method = self.methods[self.caching]
+        method.init_entry(self.site, ctx, self._params[self.caching], entry, store.hidden)
+        self.tracker.store(store.key, entry)
 
 
-class BlockReuseHook:
-    """Forward pre/post hooks on a block whose every site hosts a caching method that may skip whole
-    blocks (DuCa's aggressive steps): the block's output is stored whenever it runs, and on a step
-    where every site's method says the block may be skipped, the block returns that stored output
-    without running (its modulation, norms and residual additions included)."""
+class BlockHook(Hook):
+    """The hook of one block: records its hidden-state input for the methods that measure similarity
+    on it (ToMe's and SiTo's metric="block"), and, where every site of the block hosts a caching
+    method that may skip whole blocks (DuCa's aggressive steps), stores the block's output whenever it
+    runs and, on a step where every site's method says the block may be skipped, returns that output
+    without running it (its modulation, norms and residual additions included)."""
 
-    def __init__(self, name: str, tracker: Tracker, site_hooks: list[SiteHook]):
+    def __init__(self, name: str, tracker: Tracker, records_input: bool, site_hooks: list[SiteHook]):
         self.name = name
         self.tracker = tracker
-        self.site_hooks = site_hooks
-        self.reuse_output: Any = None  # set for the forward wrapper when this call is skipped
-        self.arounds: tuple = ()  # (SkippableForward's interface: blocks run in no context)
-        self._store: tuple | None = None
+        self.records_input = records_input
+        self.site_hooks = site_hooks  # empty: the block is never skipped whole
 
-    def pre_hook(self, module, args, kwargs):
-        self.reuse_output, self._store = None, None
+    def pre_forward(self, module, args, kwargs) -> Prepared | None:
         ctx = self.tracker.ctx
         if ctx is None:
             return None
         hidden = _hidden_states(args, kwargs)
+        if self.records_input:
+            self.tracker.block_inputs[self.name] = hidden
+        store = self._reuse_plan(ctx, hidden) if self.site_hooks else None
+        if isinstance(store, Prepared):
+            self.tracker.block_inputs.pop(self.name, None)
+            return store
+
+        def finish(output):
+            self.tracker.block_inputs.pop(self.name, None)
+            if store is not None:
+                key, signature = store
+                self.tracker.store(key, CacheEntry(output, ctx.step, signature))
+            return output
+
+        return Prepared(args, kwargs, finish=finish)
+
+    def _reuse_plan(self, ctx: Context, hidden: Any) -> Prepared | tuple | None:
+        """A skip of the block (Prepared), the (key, signature) its output is stored under, or None."""
         if not isinstance(hidden, torch.Tensor):
             return None
         plans = []
@@ -615,63 +703,16 @@ class BlockReuseHook:
             plans.append((hook, params))
         key = (ctx.branch, self.name)
         signature = (ctx.batch, ctx.geometry, tuple(hidden.shape))
-        self._store = (key, signature)
         stored = self.tracker.cache.get(key)
         if stored is None or stored.signature != signature:
-            return None
+            return key, signature
         entries = []
         for hook, params in plans:
             entry = self.tracker.cache.get((ctx.branch, hook.site.index))
             if entry is None or entry.signature[:2] != signature[:2] or \
                     not hook.methods[hook.caching].skips_block(ctx, params, entry):
-                return None
+                return key, signature
             entries.append(entry)
-        self._store = None
-        self.reuse_output = stored.output
         for hook, entry in zip(self.site_hooks, entries):
-            ctx.log[hook.site.name] = (entry.signature[2][1], 0, 0)
-        return None
-
-    def post_hook(self, module, args, kwargs, output):
-        if self.reuse_output is not None:
-            self.reuse_output = None
-            return None
-        store, self._store = self._store, None
-        ctx = self.tracker.ctx
-        if store is not None and ctx is not None:
-            key, signature = store
-            self.tracker.store(key, CacheEntry(output, ctx.step, signature))
-        return None
-
-
-class SkippableForward:
-    """Stands in for a module's `forward` (an instance attribute over the class's method) so that a
-    call can return a cached output without running, or run inside contexts the methods set up;
-    otherwise it calls the forward it replaced. `remove` puts back exactly what was there (another
-    library's forward wrapper included)."""
-
-    def __init__(self, module: torch.nn.Module, hook: SiteHook | BlockReuseHook):
-        self.module, self.hook = module, hook
-        self.had_previous = "forward" in module.__dict__
-        self.previous = module.__dict__.get("forward")
-        self.inner = module.forward
-        module.forward = self
-
-    def __call__(self, *args, **kwargs):
-        out = self.hook.reuse_output
-        if out is not None:
-            return out
-        arounds = self.hook.arounds
-        if arounds:
-            with contextlib.ExitStack() as stack:
-                for around in arounds:
-                    stack.enter_context(around)
-                return self.inner(*args, **kwargs)
-        return self.inner(*args, **kwargs)
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self:
-            if self.had_previous:
-                self.module.__dict__["forward"] = self.previous
-            else:
-                del self.module.__dict__["forward"]
+            ctx.log[hook.site.name] = CallRecord(entry.signature[2][1], 0, 0)
+        return Prepared((), {}, skip=True, output=stored.output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffaccel.pipelines import ADAPTERS, UNetAdapter
 
-from .methods.base import _REGISTRY
+from .methods.base import available_methods, method_class
 
 MARK_BEGIN = "<!-- support-table:begin -->"
 MARK_END = "<!-- support-table:end -->"
@@ -23,7 +23,8 @@ def support_matrix() -> dict[str, dict[str, bool]]:
     for name, adapter in _families():
         probe = adapter.__new__(adapter)
         out[name] = {}
-        for method, cls in sorted(_REGISTRY.items()):
+        for method in available_methods():
+            cls = method_class(method)
             site = probe.make_site("probe", "self_attn", None, "probe", 0, "image")
             out[name][method] = cls().unsupported(site) is None
     return out
@@ -31,7 +32,7 @@ def support_matrix() -> dict[str, dict[str, bool]]:
 
 def support_table() -> str:
     matrix = support_matrix()
-    methods = sorted(_REGISTRY)
+    methods = available_methods()
     lines = ["| family | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for family, row in matrix.items():
         lines.append(f"| {family} | " + " | ".join("yes" if row[m] else "not yet" for m in methods) + " |")

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from diffaccel.tiny import tiny_case  # noqa: E402
+from diffaccel.testing import tiny_case  # noqa: E402
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from diffaccel import accelerate_pipeline, describe, load_reference_pipeline, remove_acceleration
 from diffaccel.cli import _method_arg, main
 from diffaccel.support import MARK_BEGIN, MARK_END, support_table
-from diffaccel.tiny import default_pipeline
+from diffaccel.testing import default_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ def test_from_pretrained_safetensors_round_trip(source, tmp_path, request):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
     assert main(["run", "--model", "random-sd", "--size", "128", "--steps", "2", "--methods", "tome",
                  "todo:factor=2,mode=avg"]) == 0
@@ -57,12 +58,25 @@ def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
     assert "todo: todo acted on no site" not in out
 
 
+def test_run_reads_saved_accelerations_and_refuses_a_bad_file(tmp_path, capsys):
+    from diffaccel import save_config
+
+    path = save_config(tmp_path / "fast.json", ["todo", "fora"], factor=3.0)
+    assert main(["run", "--model", "random-sd", "--size", "128", "--steps", "2", "--config", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "fast.json" in table and "\ntome " not in table  # the file's row, and no default rows beside it
+    (tmp_path / "bad.json").write_text('{"format": "diffaccel.acceleration", "version": 1, "methods": [{"method": "x"}]}')
+    with pytest.raises(SystemExit, match=r"--config .*bad.json: .*unknown method 'x'"):
+        main(["run", "--model", "random-sd", "--config", str(tmp_path / "bad.json")])
+
+
 def test_method_arg_parsing():
     assert _method_arg("tome") == "tome"
     assert _method_arg("tome:ratio=0.6,use_rand=false") == {"method": "tome", "ratio": 0.6, "use_rand": False}
     assert _method_arg("todo:mode=max") == {"method": "todo", "mode": "max"}
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_a_report(tmp_path):
     out = tmp_path / "r.json"
     assert main(["bench", "--arch", "tiny-sd", "--sizes", "256", "--batch", "2", "--repeats", "1", "--warmup", "0",
@@ -79,6 +93,7 @@ def test_bench_smoke_writes_a_report(tmp_path):
     assert rep["command"].startswith("diffaccel bench --arch tiny-sd")
 
 
+@pytest.mark.slow
 def test_caching_bench_counts_flops_on_meta_and_times_whole_runs(tmp_path):
     out = tmp_path / "c.json"
     assert main(["bench", "--arch", "tiny-pixart", "--flop-steps", "6", "--steps", "6", "--repeats", "1", "--warmup",
@@ -105,6 +120,7 @@ def test_full_depth_flux_is_for_flop_counts_only():
             main(["bench", "--arch", "flux-dev", *extra])
 
 
+@pytest.mark.slow
 def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path):
     out = tmp_path / "t.json"
     assert main(["bench", "--arch", "tiny-pixart", "--tokens", "--sizes", "128", "--repeats", "1", "--warmup", "0",
@@ -118,6 +134,7 @@ def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path)
     assert rows["todo factor=4"]["flop_speedup"] > 1.2 and rows["todo factor=4"]["rel_error"] > 0
 
 
+@pytest.mark.slow
 def test_peer_bench_runs_ours_beside_cache_dit_and_diffusers_caches(tmp_path):
     out = tmp_path / "p.json"
     assert main(["bench", "--arch", "tiny-flux", "--peers", "--sizes", "128", "--steps", "9", "--out", str(out)]) == 0
@@ -135,6 +152,7 @@ def test_readme_support_table_matches_the_code():
     assert table == support_table()
 
 
+@pytest.mark.slow
 def test_reference_command_writes_grid_and_figures(smoke_weights, tmp_path):
     from PIL import Image
 

@@ -1,23 +1,71 @@
 """The contract every method fulfils on every family (parametrized): identity at zero strength,
-bit-exact removal, atomic apply, clear errors, fresh state per call, robustness, determinism."""
+bit-exact removal, atomic apply, clear errors, fresh state per call, robustness, determinism.
+
+The methods are those of the registry, and the example methods below, which a test defines: a new
+method is one file and a registry entry, and this suite runs it on every family."""
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 import diffaccel
-from diffaccel import accelerate_pipeline, describe, remove_acceleration
-from diffaccel.api import installation
-from diffaccel.pipelines import DENOISER_ATTRS
+from diffaccel import (
+    CachingMethod,
+    Policy,
+    Rule,
+    Selector,
+    accelerate_pipeline,
+    describe,
+    is_accelerated,
+    remove_acceleration,
+)
+from diffaccel.methods import method_class
+from diffaccel.testing import FAMILIES, PLAIN_FAMILIES, recorded_reductions, registered, snapshot
 
-PLAIN_FAMILIES = ["sd1", "sdxl", "animatediff", "pixart", "dit"]  # image tokens only, plain attention processors
-JOINT_FAMILIES = ["sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video", "ltx"]  # text or RoPE
-FAMILIES = PLAIN_FAMILIES + JOINT_FAMILIES
-METHODS = ["tome", "todo", "sito"]
-CACHING = ["fora", "toca", "duca"]  # they reuse (parts of) sub-layer outputs
-ZERO = {"tome": {"ratio": 0.0}, "todo": {"factor": 1.0}, "sito": {"ratio": 0.0}, "fora": {"interval": 1},
-        "toca": {"fresh_ratio": 1.0}, "duca": {"interval": 1}}
+
+@dataclass(frozen=True)
+class AlternateStepCache(CachingMethod):
+    """An example method, the whole of it: every sub-layer's output computed at every `interval`-th
+    step of the run is reused on the steps between (interval 2: every other step is skipped)."""
+
+    interval: int = 2
+
+    name = "alternate"
+    zero = {"interval": 1}
+
+    def default_policy(self) -> Policy:
+        return Policy((Rule(Selector(kind=("self_attn", "cross_attn", "ff")), {"interval": self.interval}),))
+
+    def is_identity(self, params: dict) -> bool:
+        return round(params["interval"]) <= 1
+
+    def reuses(self, site, ctx, params, entry) -> bool:
+        return ctx.step % round(params["interval"]) != 0
+
+
+EXAMPLES = {cls.name: cls for cls in (AlternateStepCache,)}
+
+
+@pytest.fixture(autouse=True)
+def example_methods(request):
+    """An example method is registered while a test of this suite that runs it runs, and only then."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    method = params.get("method", ())
+    wanted = [EXAMPLES[m] for m in (method if isinstance(method, tuple) else (method,)) if m in EXAMPLES]
+    with registered(*wanted):
+        yield
+
+
+def _kind(name: str) -> type:
+    return EXAMPLES.get(name) or method_class(name)
+
+
+NAMES = diffaccel.available_methods() + sorted(EXAMPLES)
+METHODS = [m for m in NAMES if not _kind(m).caches]
+CACHING = [m for m in NAMES if _kind(m).caches]  # they reuse (parts of) sub-layer outputs
+ZERO = {m: _kind(m).zero for m in NAMES}
 # Explicit strengths: the tiny models are far too small for the cost model to let the defaults act.
 EXPLICIT = {"tome": {"ratio": 0.5}, "todo": {"factor": 2.0}, "sito": {"ratio": 0.5}}
 
@@ -37,22 +85,6 @@ def accelerate(pipe, family, method, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         return accelerate_pipeline(pipe, list(names) if len(names) > 1 else names[0], **kw)
-
-
-def snapshot(pipe):
-    """Everything acceleration may touch: hooks on every module, processors, attributes, scheduler."""
-    state = {"pipe": sorted(pipe.__dict__), "scheduler": sorted(pipe.scheduler.__dict__)}
-    for attr in DENOISER_ATTRS:
-        model = getattr(pipe, attr, None)
-        if model is None:
-            continue
-        state[attr] = sorted(model.__dict__)
-        for name, m in model.named_modules():
-            state[f"{attr}.{name}"] = (
-                tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(getattr(m, "processor", None)),
-                type(m).forward is m.forward.__func__ if hasattr(m.forward, "__func__") else False,
-            )
-    return state
 
 
 @pytest.mark.parametrize("family,method", CASES)
@@ -110,7 +142,7 @@ def test_failing_apply_leaves_pipeline_as_it_was(make_case, family, where, monke
         accelerate_pipeline(case.pipe, ["fora", "tome"])  # several sites on every family, even one-block ones
     monkeypatch.undo()
     assert snapshot(case.pipe) == before
-    assert installation(case.pipe) is None
+    assert not is_accelerated(case.pipe)
     assert torch.equal(case.run(), base)
 
 
@@ -125,9 +157,12 @@ def make_case_sizes(family):
     return family != "dit"  # DiTPipeline has a fixed sample size
 
 
-CHANGE_CASES = [(f, m, c) for f, m in CASES for c in _changes(f)]
+# (the example methods run the rest of the suite; state carried between calls is the runtime's, which
+# the registered caching methods exercise here)
+CHANGE_CASES = [(f, m, c) for f, m in CASES for c in _changes(f) if m not in EXAMPLES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,method,change", CHANGE_CASES)
 def test_consecutive_calls_equal_a_fresh_pipeline(make_case, family, method, change):
     case = make_case(family)
@@ -146,8 +181,11 @@ def test_consecutive_calls_equal_a_fresh_pipeline(make_case, family, method, cha
 def test_exception_inside_a_call_leaves_the_next_call_correct(make_case, family, method):
     case = make_case(family)
     accelerate(case.pipe, family, method)
-    st = installation(case.pipe).denoisers[0]
-    acting = [h.site.module for h in st.hooks] or [st.sites[0].module]
+    model = case.pipe.unet if hasattr(case.pipe, "unet") else case.pipe.transformer
+    sites = describe(case.pipe)["denoisers"][0]["sites"]
+    acting = [model.get_submodule(s["name"]) for s in sites
+              if any(m["acts"] for m in s["methods"].values())] or \
+        [model.get_submodule(sites[0]["name"])]
     calls = [0]
 
     def raise_on_second_step(module, args, kwargs):
@@ -179,35 +217,26 @@ def test_batched_cfg_halves_share_the_selection(make_case, family):
     """With batched CFG, every site call reduces the cond and uncond rows with the same tokens."""
     case = make_case(family)
     accelerate_pipeline(case.pipe, "sito", ratio=0.5)
-    st = installation(case.pipe).denoisers[0]
-    seen = []
-
-    def capture(module, args, kwargs, output):
-        hook = next(h for h in st.hooks if h.site.module is module)
-        reduction = hook._restores[0].reduction if hook._restores else None
-        seen.append((st.tracker.ctx.cfg_batched, reduction))
-
-    handles = [h.site.module.register_forward_hook(capture, with_kwargs=True, prepend=True) for h in st.hooks]
-    case.run(batch=2, guidance=True)
-    for h in handles:
-        h.remove()
-    assert seen and all(batched for batched, _ in seen)
-    for _, red in seen:
+    seen = capture_reductions(case, batch=2, guidance=True)
+    assert seen and all(batched for batched, _, _ in seen)
+    for _, red, _ in seen:
         half = red.keep_idx.shape[0] // 2
         assert torch.equal(red.keep_idx[:half], red.keep_idx[half:])
         assert torch.equal(red.fold_idx[:half], red.fold_idx[half:])
 
 
+def capture_reductions(case, **run) -> list:
+    """(whether the call was a batched CFG pair, the reduction, the site) of every call SiTo reduced in a run."""
+    with recorded_reductions(diffaccel.SiToConfig) as seen:
+        case.run(**run)
+    return [(batched, reduction, site) for site, batched, reduction in seen]
+
+
 def test_cfg_off_selects_per_row(make_case):
     case = make_case("sd1")
     accelerate_pipeline(case.pipe, "sito", ratio=0.5)
-    st = installation(case.pipe).denoisers[0]
-    seen = []
-    hook = st.hooks[0]
-    handle = hook.site.module.register_forward_hook(
-        lambda m, a, k, o: seen.append(hook._restores[0].reduction), with_kwargs=True, prepend=True)
-    case.run(batch=2, guidance=False)
-    handle.remove()
+    seen = capture_reductions(case, batch=2, guidance=False)
+    seen = [r for _, r, site in seen if site == seen[0][2]]  # the first site's reductions
     assert seen and not any(torch.equal(r.keep_idx[0], r.keep_idx[1]) for r in seen)
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import diffaccel
 from diffaccel import ToMeConfig, accelerate_pipeline, describe, remove_acceleration
-from diffaccel.api import installation
 from diffaccel.cost import pooling_estimate, reduction_estimate
+from diffaccel.testing import last_geometry, recorded_reductions
 from diffaccel.tokens import (
     ImageSpan,
     PooledAttention,
@@ -98,17 +98,16 @@ def test_rotary_tables_are_gathered_for_kept_tokens_and_text_rows_stay(make_case
     case = make_case("flux")
     attn = case.pipe.transformer.single_transformer_blocks[0].attn
     accelerate_pipeline(case.pipe, "tome", ratio=0.5)
-    hook = next(h for h in installation(case.pipe).denoisers[0].hooks if h.site.module is attn)
-    before, after, seen = [], [], []
+    before, after = [], []
     handles = [
         attn.register_forward_pre_hook(lambda m, a, k: before.append(dict(k)), with_kwargs=True, prepend=True),
         attn.register_forward_pre_hook(lambda m, a, k: after.append(dict(k)), with_kwargs=True),
-        attn.register_forward_hook(lambda m, a, k, o: seen.append(hook._restores[0].reduction), with_kwargs=True,
-                                   prepend=True),
     ]
-    case.run(steps=1, guidance=False)
+    with recorded_reductions(ToMeConfig) as reductions:
+        case.run(steps=1, guidance=False)
     for h in handles:
         h.remove()
+    seen = [r for name, _, r in reductions if name == "single_transformer_blocks.0.attn"]
     k_full, k_red, red = before[0], after[0], seen[0]
     text = 8
     order = torch.cat([red.keep_idx[0], red.dst_idx[0]])
@@ -159,7 +158,7 @@ def test_text_stream_passes_untouched_into_joint_attention(make_case, family):
     case.run(steps=1, guidance=False)
     handle.remove()
     h2.remove()
-    geo = installation(case.pipe).denoisers[0].tracker.last.geometry
+    geo = last_geometry(case.pipe)
     n = geo.image_tokens
     k = calls[0]
     assert k["hidden_states"].shape[1] == n - n // 2
@@ -233,14 +232,10 @@ def test_todo_mode_leaves_other_attention_calls_alone():
 def test_video_merging_spans_frames_by_default(make_case):
     case = make_case("wan")
     accelerate_pipeline(case.pipe, "tome", ratio=0.5)
-    hooks = installation(case.pipe).denoisers[0].hooks
-    seen = []
-    handles = [h.site.module.register_forward_hook(
-        lambda m, a, k, o, h=h: seen.append(h._restores[0].reduction), with_kwargs=True, prepend=True) for h in hooks]
-    case.run(steps=1, guidance=False)
-    for h in handles:
-        h.remove()
-    geo = installation(case.pipe).denoisers[0].tracker.last.geometry
+    with recorded_reductions(ToMeConfig) as reductions:
+        case.run(steps=1, guidance=False)
+    seen = [r for _, _, r in reductions]
+    geo = last_geometry(case.pipe)
     f, hh, ww = geo.frames, geo.height, geo.width
     assert f == 2 and seen
     red = seen[0]
@@ -256,7 +251,7 @@ def test_frames_per_cell_default_follows_the_family(make_case, family, span, st)
     case = make_case(family)
     accelerate_pipeline(case.pipe, "tome", ratio=0.5)
     case.run(steps=2, guidance=False)
-    geo = installation(case.pipe).denoisers[0].tracker.last.geometry
+    geo = last_geometry(case.pipe)
     assert geo.frame_span == span
     assert ToMeConfig().frames_per_cell(geo.frames, geo.frame_span) == min(st, geo.frames)
     assert diffaccel.ToDoConfig().frames_factor(geo.frames, geo.frame_span) == min(st, geo.frames)

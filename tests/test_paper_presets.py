@@ -49,6 +49,13 @@ def pixart_toca_full_steps(num_steps, fresh_threshold=3):
     return full
 
 
+def pixart_partial(R, step, layer, site, n):
+    """Tokens a cross-attention or feed-forward site of n tokens computes at a partial step (all of them
+    when the reference's top-k reaches n)."""
+    k = topk(pixart_fresh_ratio(R, step, STEPS, layer, "cross-attn" if site["kind"] == "cross_attn" else "mlp"), n)
+    return n if k >= n else k
+
+
 def test_toca_pixart_alpha_preset_follows_the_reference(make_case):
     case = make_case("pixart", num_layers=28)
     cfg = ToCaConfig.paper("pixart-alpha")
@@ -69,9 +76,7 @@ def test_toca_pixart_alpha_preset_follows_the_reference(make_case):
             elif site["kind"] == "self_attn":  # reused whole: no partial computation for attn
                 want = 0
             else:
-                k = topk(pixart_fresh_ratio(0.3, step, STEPS, layer, "cross-attn" if site["kind"] == "cross_attn"
-                                            else "mlp"), n)
-                want = n if k >= n else k
+                want = pixart_partial(0.3, step, layer, site, n)
             assert got == want, (site["name"], step, got, want)
 
 
@@ -95,9 +100,7 @@ def test_duca_pixart_alpha_preset_follows_the_reference(make_case):
             elif phase == 2 or site["kind"] == "self_attn":
                 want = 0
             else:
-                k = topk(pixart_fresh_ratio(0.75, step, STEPS, layer, "cross-attn" if site["kind"] == "cross_attn"
-                                            else "mlp"), n)
-                want = n if k >= n else k
+                want = pixart_partial(R=0.75, step=step, layer=layer, site=site, n=n)
             assert got == want, (site["name"], step, got, want)
 
 

@@ -11,6 +11,8 @@ from diffaccel.reference import KINDS, WEIGHTS_DIR, data, load_reference_pipelin
 from diffaccel.reference.evaluate import caption_following, random_weight_copy, step_redundancy
 from diffaccel.reference.models import make_tokenizer
 
+pytestmark = pytest.mark.slow  # trains and runs the reference models
+
 # Caption following is scored on held-out single-shape captions (data.evaluation_scenes): the described
 # colour must be the most frequent palette colour, background excluded, in the described cell of the
 # 3x3 grid, and cover at least 5% of it. Ground-truth renders score 1.0 and uniform noise about 0.15

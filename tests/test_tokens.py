@@ -152,7 +152,7 @@ def test_tome_on_a_unet_agrees_with_tomesd(options):
     import tomesd
 
     from diffaccel import accelerate_pipeline, remove_acceleration
-    from diffaccel.tiny import sd1_unet
+    from diffaccel.testing import sd1_unet
 
     torch.manual_seed(0)
     unet = sd1_unet().eval()

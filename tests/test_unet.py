@@ -6,12 +6,23 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from diffaccel import Policy, Rule, Selector, ToMeConfig, accelerate_pipeline, describe, remove_acceleration
+from diffaccel import (
+    Policy,
+    Rule,
+    Selector,
+    SiToConfig,
+    ToMeConfig,
+    accelerate_pipeline,
+    describe,
+    remove_acceleration,
+)
 from diffaccel.api import installation
+from diffaccel.testing import recorded_reductions
 
 
 def _acting(pipe):
-    return {h.site.name for st in installation(pipe).denoisers for h in st.hooks}
+    return {s["name"] for d in describe(pipe)["denoisers"] for s in d["sites"]
+            if any(m["acts"] for m in s["methods"].values())}
 
 
 def test_sdxl_defaults_act_at_its_finest_attention_level(make_case):
@@ -227,13 +238,9 @@ def test_bare_denoiser_told_about_cfg_pairs_shares_the_selection(make_case):
     lat = torch.randn(1, 4, 32, 32)
     x, t, ctx = torch.cat([lat, lat]), torch.tensor([10]), torch.randn(2, 8, 32)
     accelerate_pipeline(unet, "sito", cfg_batched=True, ratio=0.5)
-    st = installation(unet).denoisers[0]
-    seen = []
-    handle = st.hooks[0].site.module.register_forward_hook(
-        lambda m, a, k, o: seen.append(st.hooks[0]._restores[0].reduction), with_kwargs=True, prepend=True)
-    with torch.no_grad():
+    with recorded_reductions(SiToConfig) as reductions, torch.no_grad():
         unet(x, t, ctx)
-    handle.remove()
+    seen = [r for _, _, r in reductions]
     assert seen and torch.equal(seen[0].keep_idx[0], seen[0].keep_idx[1])
 
 
@@ -305,7 +312,7 @@ def test_reference_argument_names_port_unchanged(make_case):
         a, b = make_case("sd1"), make_case("sd1")
         accelerate_pipeline(a.pipe, method, **theirs)
         accelerate_pipeline(b.pipe, method, **ours)
-        assert installation(a.pipe).methods == installation(b.pipe).methods
+        assert describe(a.pipe)["methods"] == describe(b.pipe)["methods"]
         assert torch.equal(a.run(steps=2), b.run(steps=2))
     with pytest.raises(TypeError, match=r"unknown option 'prune_rate' for sito; allowed: .* \(or the reference's "
                                         r"names \['max_downsample_ratio', 'noise_alpha'"):
@@ -322,4 +329,4 @@ def test_todo_auto_factor_follows_the_image_size(make_case):
     case.run(steps=2)
     site = next(s for s in describe(case.pipe)["denoisers"][0]["sites"] if s["name"].endswith("attn1"))
     assert all(v["keys_values"] == 16 * 16 for v in site["last_run"].values())
-    assert installation(case.pipe).methods[0].to_dict()["factor"] == "auto"
+    assert describe(case.pipe)["methods"][0]["factor"] == "auto"

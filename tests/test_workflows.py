@@ -18,6 +18,7 @@ from diffaccel import (
     Window,
     accelerate_pipeline,
     describe,
+    is_accelerated,
     remove_acceleration,
 )
 from diffaccel.api import installation
@@ -121,7 +122,7 @@ def test_from_pipe_with_another_scheduler_is_accelerated_and_never_stale(make_ca
     assert top_attn1(other) == {0: 1024, 1: 0, 2: 0, 3: 512, 4: 0, 5: 512}
     assert installation(other) is installation(case.pipe)
     remove_acceleration(other)  # the shared denoiser's acceleration is removed from both
-    assert installation(case.pipe) is None and "set_timesteps" not in other.scheduler.__dict__
+    assert not is_accelerated(case.pipe) and "set_timesteps" not in other.scheduler.__dict__
     assert "progress_bar" not in other.__dict__
 
 
@@ -153,7 +154,7 @@ def test_deepcopy_is_an_independent_accelerated_pipeline(make_case):
     remove_acceleration(twin)
     assert torch.equal(sd_call(twin), base)
     assert torch.equal(sd_call(case.pipe), out)  # the original is still accelerated
-    assert installation(case.pipe) is not None and installation(twin) is None
+    assert is_accelerated(case.pipe) and not is_accelerated(twin)
     remove_acceleration(case.pipe)
     assert torch.equal(sd_call(case.pipe), base)
 
@@ -210,12 +211,12 @@ def test_a_denoiser_compiled_before_patching_keeps_its_family(make_case):
     assert [s["name"] for s in den["sites"]] == [s["name"] for s in describe(plain.pipe)["denoisers"][0]["sites"]]
     torch.testing.assert_close(case.run(steps=2), want)
     remove_acceleration(case.pipe)
-    assert installation(case.pipe) is None and installation(case.pipe.unet) is None
+    assert not is_accelerated(case.pipe) and not is_accelerated(case.pipe.unet)
     torch.testing.assert_close(case.run(steps=2), make_case("sd1").run(steps=2))
     accelerate_pipeline(case.pipe.unet, "todo", factor=2)  # the bare compiled denoiser, and off again
-    assert installation(case.pipe.unet) is not None
+    assert is_accelerated(case.pipe.unet)
     remove_acceleration(case.pipe.unet)
-    assert installation(case.pipe) is None
+    assert not is_accelerated(case.pipe)
 
 
 # -- families we do not handle -----------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_families_we_do_not_handle_are_refused_clearly(model, match):
     hooks = [(m._forward_pre_hooks.copy(), m._forward_hooks.copy()) for m in module.modules()]
     with pytest.raises(diffaccel.UnsupportedModelError, match=match + r".*supported families: SD 1.x/2.x"):
         accelerate_pipeline(module, "tome")
-    assert installation(module) is None
+    assert not is_accelerated(module)
     assert hooks == [(m._forward_pre_hooks, m._forward_hooks) for m in module.modules()]
 
 

@@ -1,6 +1,7 @@
-"""Methods: one file each, registered by name."""
+"""Methods: one file each, registered by name (see `base` for the protocol)."""
 
-from .base import MethodConfig, SiteCall, available_methods, method_class
+from ..call import CacheEntry, Context, Plan, SiteCall
+from .base import CachingMethod, MethodConfig, TokenMethod, available_methods, method_class, register
 from .duca import DuCaConfig
 from .fora import FORAConfig
 from .sito import SiToConfig
@@ -8,4 +9,6 @@ from .toca import ToCaConfig
 from .todo import ToDoConfig
 from .tome import ToMeConfig
 
-__all__ = ["DuCaConfig", "FORAConfig", "MethodConfig", "SiToConfig", "SiteCall", "ToCaConfig", "ToDoConfig", "ToMeConfig", "available_methods", "method_class"]
+__all__ = ["CacheEntry", "CachingMethod", "Context", "DuCaConfig", "FORAConfig", "MethodConfig", "Plan", "SiToConfig",
+           "SiteCall", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod", "available_methods", "method_class",
+           "register"]

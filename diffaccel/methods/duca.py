@@ -21,10 +21,11 @@ Token choice, schedules and CFG handling are ToCa's (see `toca`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from .base import CacheEntry, check_choice, register
-from .toca import ToCaConfig, TokenwiseCache
+from ..call import CacheEntry, Context, Plan, SiteCall
+from ..sites import Site
+from .base import check_choice, register
+from .toca import ToCaConfig
 
 AGGRESSIVE = ("blocks", "sublayers")
 
@@ -41,9 +42,7 @@ class DuCaConfig(ToCaConfig):
     aggressive: str = "blocks"
 
     name = "duca"
-
-    def __hash__(self):
-        return hash((TokenwiseCache.__hash__(self), self.aggressive))
+    zero = {"interval": 1}
 
     def validate(self) -> None:
         super().validate()
@@ -55,13 +54,14 @@ class DuCaConfig(ToCaConfig):
     def reuses_blocks(self) -> bool:
         return self.aggressive == "blocks"
 
-    def skips_block(self, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+    def skips_block(self, ctx: Context, params: dict, entry: CacheEntry) -> bool:
         offset = self.cycle_offset(ctx, params, entry)
         return offset is not None and offset % 2 == 0  # the aggressive steps of `cached_plan` (and 0)
 
-    def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:
+    def cached_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
+                    offset: int) -> Plan:
         if offset % 2 == 0:
-            return "reuse"  # aggressive
+            return Plan.REUSE  # aggressive
         if params["fresh_ratio"] >= 1:
-            return "recompute"
+            return Plan.RECOMPUTE
         return self.token_plan(site, ctx, params, call)

@@ -15,50 +15,32 @@ is recomputed. Caches are released when the run ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from ..call import CacheEntry, Context
 from ..policy import Policy, Rule, Selector
 from ..sites import Site
-from .base import SUBLAYERS, CacheEntry, MethodConfig, check_number, register, warmup_window
+from .base import CachingMethod, register
+from .common import SUBLAYERS, warmup_window
 
 
 @register
 @dataclass(frozen=True)
-class FORAConfig(MethodConfig):
-    """interval: steps one computed output serves (1: compute every step, the baseline).
-    warmup: steps at the start of the run that are always computed; the last of them begins the
-    first cycle (0 and 1 are the same)."""
-
-    interval: int = 3
-    warmup: int = 0
-    policy: Policy | dict | str | None = None
+class FORAConfig(CachingMethod):
+    """Fields as CachingMethod: interval (steps one computed output serves; 1: the baseline) and
+    warmup (steps at the start always computed)."""
 
     name = "fora"
-    caches = True
-    params = ("interval",)
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_number(n, "interval", self.interval, 1, 1000, integer=True)
-        check_number(n, "warmup", self.warmup, 0, 100_000, integer=True)
-
-    def check_param(self, key: str, value: float) -> None:
-        # schedules may give fractional intervals; they are rounded when used
-        check_number(type(self).__name__, key, value, 1, 1000)
 
     def default_policy(self) -> Policy:
         return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval}, warmup_window(self.warmup)),))
 
-    def unsupported(self, site: Site) -> str | None:
-        return "acts on sub-layers, not whole blocks" if site.kind == "block" else None
-
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1
 
-    def cycle_end(self, ctx: Any, params: dict) -> int:
+    def cycle_end(self, ctx: Context, params: dict) -> int:
         return ctx.step + max(1, round(params["interval"]))
 
-    def reuses(self, site: Site, ctx: Any, params: dict, entry: CacheEntry) -> bool:
+    def reuses(self, site: Site, ctx: Context, params: dict, entry: CacheEntry) -> bool:
         if ctx.num_steps and ctx.step >= ctx.num_steps - 1:
             return ctx.step == entry.step  # the last step is computed, as FORA's code does
         return ctx.step < entry.until

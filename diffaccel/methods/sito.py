@@ -15,37 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..policy import Policy
 from ..tokens import TokenReduction, similarity_pruning_2d
-from .base import CellReductionConfig, check_number, register
+from .base import check_number, register
+from .cells import CellReductionConfig
 
 
 @register
 @dataclass(frozen=True)
 class SiToConfig(CellReductionConfig):
-    """ratio: fraction of a site's tokens pruned (at most 1 - 1/(sx*sy)); noise: standard deviation
-    of the Gaussian noise on the summed similarity score (varies the base tokens across steps).
-    max_downsample: the levels it prunes, as a downsample factor (1, 2, 4, 8; 1: the finest token
-    grid with attention). SiTo's own argument names work too (prune_ratio, max_downsample_ratio,
-    noise_alpha, prune_selfattn_flag, prune_crossattn_flag, prune_mlp_flag).
-    st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
-    metric: similarity measured on the block's input ("block") or each sub-layer's input ("hidden").
-    cost_model: skip calls where pruning costs more than it saves (diffaccel.cost); None: only at
-    the default ratio and schedule."""
+    """Fields as CellReductionConfig (ratio: the fraction pruned), and:
+    noise: standard deviation of the Gaussian noise on the summed similarity score (varies the base
+    tokens across steps).
+    prune_attn, prune_crossattn, prune_mlp: which sub-layers are pruned (self-attention by default).
+    SiTo's own argument names work too (prune_ratio, max_downsample_ratio, noise_alpha,
+    prune_selfattn_flag, prune_crossattn_flag, prune_mlp_flag)."""
 
-    ratio: float = 0.5
-    sx: int = 2
-    sy: int = 2
-    st: int = 0
     noise: float = 0.1
-    seed: int = 0
-    max_downsample: int = 1
     prune_attn: bool = True
     prune_crossattn: bool = False
     prune_mlp: bool = False
-    metric: str = "block"
-    cost_model: bool | None = None
-    policy: Policy | dict | str | None = None
 
     name = "sito"
     mode = "drop"

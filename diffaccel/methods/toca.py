@@ -55,25 +55,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..call import CacheEntry, Context, Plan, SiteCall
 from ..kernels import gather_tokens, scatter_tokens
 from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
-from .base import (
-    SUBLAYERS,
-    CacheEntry,
-    MethodConfig,
-    SiteCall,
-    block_generator,
-    cfg_rows,
-    check_bool,
-    check_choice,
-    check_number,
-    image_span,
-    kv_attention,
-    register,
-    warmup_window,
-)
+from .base import CachingMethod, check_bool, check_choice, check_number, register
+from .common import SUBLAYERS, block_generator, cfg_rows, image_span, kv_attention, warmup_window
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
@@ -107,28 +95,20 @@ PAPERS = {
 }
 
 
-class TokenwiseCache(MethodConfig):
+class TokenwiseCache(CachingMethod):
     """What ToCa and DuCa share: the cycle, the fresh-token count and choice, the token-partial call.
     Subclasses declare the fields (see ToCaConfig) and `cached_plan`."""
 
-    caches = True
     reduces_tokens = True  # fresh-token steps reduce queries: no ToMe/SiTo on the same site
     priority = 20
     params = ("interval", "fresh_ratio")
-
-    def __hash__(self):
-        return hash((type(self).__name__, self.interval, self.fresh_ratio, self.warmup, self.score,
-                     self.staleness_weight, self.cell, self.cell_frames, self.cell_weight, self.step_weight,
-                     self.depth_weight, self.depth_per_stream, self.depth_span,
-                     tuple(sorted(self.kind_weights.items())), tuple(sorted(self.stream_weights.items())),
-                     self.interval_weight, self.aligned, self.seed))
+    zero = {"fresh_ratio": 1.0}
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self) -> None:
+        super().validate()
         n = type(self).__name__
-        check_number(n, "interval", self.interval, 1, 1000, integer=True)
         check_number(n, "fresh_ratio", self.fresh_ratio, 0.0, 1.0)
-        check_number(n, "warmup", self.warmup, 0, 100_000, integer=True)
         check_choice(n, "score", self.score, SCORES)
         check_number(n, "staleness_weight", self.staleness_weight, 0.0, 100.0)
         check_number(n, "cell", self.cell, 0, 64, integer=True)
@@ -152,11 +132,10 @@ class TokenwiseCache(MethodConfig):
                 check_number(n, f"{what}[{key!r}]", w, 0.0, 100.0)
 
     def check_param(self, key: str, value: float) -> None:
-        n = type(self).__name__
-        if key == "interval":  # schedules may give fractional intervals; they are rounded when used
-            check_number(n, key, value, 1, 1000)
+        if key == "interval":
+            super().check_param(key, value)
         else:
-            check_number(n, key, value, 0.0, 1.0)
+            check_number(type(self).__name__, key, value, 0.0, 1.0)
 
     def default_policy(self) -> Policy:
         return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": self.fresh_ratio},
@@ -171,14 +150,11 @@ class TokenwiseCache(MethodConfig):
             raise ValueError(f"no paper setting of {cls.name} for {model!r}; available: {sorted(presets)}")
         return cls(**{**presets[model], **fields})
 
-    def unsupported(self, site: Site) -> str | None:
-        return "acts on sub-layers, not whole blocks" if site.kind == "block" else None
-
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1 or params["fresh_ratio"] >= 1
 
     # -- the cycle --------------------------------------------------------------------------
-    def cycle_end(self, ctx: Any, params: dict) -> int:
+    def cycle_end(self, ctx: Context, params: dict) -> int:
         """The next full step after one at ctx.step: `interval` steps later, or (aligned) the next
         multiple of the interval, the interval being set at this step, divided by the reference's
         interval step factor 1 - w + 2 w p (w = interval_weight) and rounded half to even in float32,
@@ -191,24 +167,26 @@ class TokenwiseCache(MethodConfig):
         interval = max(1, int(round(float(interval))))
         return (ctx.step // interval + 1) * interval if self.aligned else ctx.step + interval
 
-    def cycle_offset(self, ctx: Any, params: dict, entry: CacheEntry) -> int | None:
+    def cycle_offset(self, ctx: Context, params: dict, entry: CacheEntry) -> int | None:
         """Steps since the entry's cycle began (0: another call of that step), or None when this call
         starts a new cycle."""
         offset = ctx.step - entry.step
         return offset if offset >= 0 and (entry.until is None or ctx.step < entry.until) else None
 
-    def plan(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> str:
+    def plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> Plan:
         offset = self.cycle_offset(ctx, params, entry)
         if offset is None:
-            return "compute"
+            return Plan.COMPUTE
         if offset == 0:  # another call of the same step and branch (e.g. a second expert): same output
-            return "reuse"
+            return Plan.REUSE
         return self.cached_plan(site, ctx, params, entry, call, offset)
 
-    def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:  # pragma: no cover - abstract
+    def cached_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
+                    offset: int) -> Plan:  # pragma: no cover - abstract
+        """The plan of a call `offset` steps into the entry's cycle (offset >= 1)."""
         raise NotImplementedError
 
-    def fresh_fraction(self, site: Site, ctx: Any, params: dict) -> float:
+    def fresh_fraction(self, site: Site, ctx: Context, params: dict) -> float:
         """The reference's fresh ratio: R x step x depth x kind x stream factors, clamped to [0, 1] once."""
         p = progress_of(ctx.step, ctx.num_steps)
         ratio = params["fresh_ratio"] * (1 + self.step_weight - 2 * self.step_weight * p) * self.depth_factor(site)
@@ -229,32 +207,32 @@ class TokenwiseCache(MethodConfig):
             return 1.0
         return 1 + self.depth_weight - 2 * self.depth_weight * d / span
 
-    def fresh_count(self, site: Site, ctx: Any, params: dict, n: int) -> int:
+    def fresh_count(self, site: Site, ctx: Context, params: dict, n: int) -> int:
         """int(ratio x n) in float32, as the reference counts its top-k."""
         return min(n, int(np.float32(self.fresh_fraction(site, ctx, params)) * np.float32(n)))
 
-    def token_plan(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> str:
-        """A ToCa step at this site: all tokens fresh ("recompute", the cycle keeps its start), none
-        ("reuse"), or some ("partial")."""
+    def token_plan(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> Plan:
+        """A ToCa step at this site: all tokens fresh (RECOMPUTE, the cycle keeps its start), none
+        (REUSE), or some (PARTIAL)."""
         n = call.hidden.shape[1]
         k = self.fresh_count(site, ctx, params, n)
         if k >= n:
-            return "recompute"
+            return Plan.RECOMPUTE
         if k == 0 or not _partial_ok(site, call):
-            return "reuse"
-        return "partial"
+            return Plan.REUSE
+        return Plan.PARTIAL
 
     # -- entries ----------------------------------------------------------------------------
-    def prepare_compute(self, site: Site, ctx: Any, params: dict, call: SiteCall) -> None:
+    def prepare_compute(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> None:
         self._probe(site, ctx, call)
 
-    def init_entry(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
+    def init_entry(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
         rows = cfg_rows(hidden, ctx)
         entry.extra["staleness"] = torch.zeros(rows.shape[:2], dtype=torch.int32, device=hidden.device)
         if self.score == "change":
             entry.extra["input"] = rows.detach().clone()
 
-    def _probe(self, site: Site, ctx: Any, call: SiteCall, idx: torch.Tensor | None = None) -> None:
+    def _probe(self, site: Site, ctx: Context, call: SiteCall, idx: torch.Tensor | None = None) -> None:
         """Read the block's attention statistic while this call runs (its self-attention at a full step,
         its cross-attention at every step that computes tokens: rows `idx` of the stored statistic)."""
         stat, kind = PROBES.get(self.score, (None, None))
@@ -279,7 +257,7 @@ class TokenwiseCache(MethodConfig):
 
         call.restores.append(record)
 
-    def refresh(self, site: Site, ctx: Any, params: dict, entry: CacheEntry, call: SiteCall) -> None:
+    def refresh(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> None:
         x = call.hidden
         n = x.shape[1]
         k = self.fresh_count(site, ctx, params, n)
@@ -311,7 +289,7 @@ class TokenwiseCache(MethodConfig):
         self._probe(site, ctx, call, idx)
 
     # -- scores -----------------------------------------------------------------------------
-    def primary_score(self, site: Site, ctx: Any, entry: CacheEntry, rows: torch.Tensor) -> torch.Tensor:
+    def primary_score(self, site: Site, ctx: Context, entry: CacheEntry, rows: torch.Tensor) -> torch.Tensor:
         """(B', N) float32: higher is fresher."""
         if self.score == "change":
             return F.normalize(_relative_change(rows, entry.extra["input"]), dim=1)
@@ -325,7 +303,7 @@ class TokenwiseCache(MethodConfig):
         gen = block_generator(self.seed, ctx.step, site)
         return torch.rand(rows.shape[:2], generator=gen).to(rows.device)
 
-    def block_statistic(self, site: Site, ctx: Any, n: int) -> torch.Tensor | None:
+    def block_statistic(self, site: Site, ctx: Context, n: int) -> torch.Tensor | None:
         """The block's stored attention statistic for this site's `n` tokens: batched CFG halves
         averaged (for the entropy, that of the two halves' maps side by side, as the reference mixes
         them: ln 2 + the mean), the image or text part of a joint sequence taken where the site sees
@@ -347,7 +325,7 @@ class TokenwiseCache(MethodConfig):
             return stat[:, :text] if geo.text_first else stat[:, -text:]
         return stat[:, text:] if geo.text_first else stat[:, :n]
 
-    def cell_bonus(self, site: Site, ctx: Any, score: torch.Tensor) -> torch.Tensor:
+    def cell_bonus(self, site: Site, ctx: Context, score: torch.Tensor) -> torch.Tensor:
         """cell_weight x the cell's best score for the best token of each cell of the image-token grid
         (the reference's local_selection_with_bonus; the bonus is the best score's magnitude, so that it
         promotes the token where scores are negative too), 0 elsewhere."""
@@ -434,9 +412,7 @@ class ToCaConfig(TokenwiseCache):
     seed: seed of the "random" score.
     `ToCaConfig.paper("pixart-alpha")` and `.paper("flux")` are the reference code's own settings."""
 
-    interval: int = 3
     fresh_ratio: float = 0.3
-    warmup: int = 0
     score: str = "change"
     staleness_weight: float = 0.25
     cell: int = 4
@@ -451,11 +427,9 @@ class ToCaConfig(TokenwiseCache):
     interval_weight: float = 0.0
     aligned: bool = False
     seed: int = 0
-    policy: Policy | dict | str | None = None
 
     name = "toca"
 
-    __hash__ = TokenwiseCache.__hash__
-
-    def cached_plan(self, site, ctx, params, entry, call, offset: int) -> str:
+    def cached_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
+                    offset: int) -> Plan:
         return self.token_plan(site, ctx, params, call)

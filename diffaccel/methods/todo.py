@@ -19,25 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..call import CallRecord, Context, SiteCall
 from ..cost import pooling_estimate
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import POOL_MODES, PooledAttention, pool_tokens
-from .base import (
-    NO_GRID,
-    MethodConfig,
-    SiteCall,
-    check_bool,
-    check_choice,
-    check_downsample,
-    check_number,
-    default_frames,
-    downsample_levels,
-    image_span,
-    kv_attention,
-    register,
-)
+from .base import MethodConfig, TokenMethod, check_choice, check_downsample, check_number, register
+from .common import call_image_span, default_frames, downsample_levels, kv_attention
 
 AUTO = "auto"
 # factor="auto": (largest image area in pixels, factor), then 4 above the last
@@ -51,7 +41,7 @@ def auto_factor(pixel_area: int) -> float:
 
 @register
 @dataclass(frozen=True)
-class ToDoConfig(MethodConfig):
+class ToDoConfig(TokenMethod):
     """factor: key/value downsampling factor per side at the finest level (1 = off), or "auto" (by the
     image size: 2 up to 1024^2 pixels, 3 up to 1536^2, 4 above; in a policy, factor 0 means auto).
     mode: how keys/values are downsampled: "nearest-exact" (default), "nearest", "bilinear",
@@ -62,8 +52,7 @@ class ToDoConfig(MethodConfig):
     level_factors: {level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}; the
     reference's `downsample_factor_level_2` is level_factors={1: f}.
     start, end: the part of the run (fraction of steps) in which ToDo acts.
-    cost_model: skip calls where pooling costs more than it saves (diffaccel.cost); None: only at
-    the default factor and schedule."""
+    cost_model: as TokenMethod (the cost model weighs pooling's cost against what it saves)."""
 
     factor: float | str = 2.0
     mode: str = "nearest-exact"
@@ -72,12 +61,11 @@ class ToDoConfig(MethodConfig):
     start: float = 0.0
     end: float = 1.0
     factor_t: float = 0.0
-    cost_model: bool | None = None
-    policy: Policy | dict | str | None = None
 
     name = "todo"
     priority = 0
     params = ("factor",)
+    zero = {"factor": 1.0}
     # the reference's argument names (ImprovedTokenMerge's apply_patch)
     aliases = {"downsample_factor": "factor", "downsample_method": "mode", "downsample_factor_level_2": "level_factors"}
 
@@ -89,11 +77,14 @@ class ToDoConfig(MethodConfig):
             return "mode", {"avg_pool": "avg", "max_pool": "max"}.get(value, value)
         return super().translate(key, value)
 
-    def __hash__(self):
-        return hash((self.factor, self.mode, self.max_downsample, tuple(sorted(self.level_factors.items())),
-                     self.start, self.end, self.factor_t, self.cost_model))
+    @classmethod
+    def decode(cls, key: str, value: Any) -> Any:
+        if key == "level_factors" and isinstance(value, dict):  # JSON keys are strings
+            return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        return value
 
     def validate(self) -> None:
+        super().validate()
         n = type(self).__name__
         if self.factor != AUTO:
             if isinstance(self.factor, str):
@@ -109,8 +100,6 @@ class ToDoConfig(MethodConfig):
         check_number(n, "factor_t", self.factor_t, 0.0, 64.0)
         if 0 < self.factor_t < 1:
             raise ValueError(f"{n}.factor_t must be 0 (auto) or in [1, 64], got {self.factor_t!r}")
-        if self.cost_model is not None:
-            check_bool(n, "cost_model", self.cost_model)
         check_number(n, "start", self.start, 0.0, 1.0)
         check_number(n, "end", self.end, 0.0, 1.0)
         if self.end <= self.start:
@@ -135,9 +124,6 @@ class ToDoConfig(MethodConfig):
             return "ToDo pools the keys/values of self-attention only"
         return None
 
-    def wraps_forward(self, site: Site) -> bool:
-        return True  # pooling inside attention needs it, on a site whose processor may change later
-
     def conflict(self, site: Site, others: list[MethodConfig]) -> str | None:
         reducers = [m.name for m in others if m.reduces_tokens and not m.caches]  # ToCa reuses such sites whole
         if reducers and not kv_attention(site):
@@ -152,11 +138,10 @@ class ToDoConfig(MethodConfig):
         """factor_t, at most the frames; 0 = `default_frames`, as ToMe's st."""
         return min(float(frames), float(self.factor_t or default_frames(frames, span)))
 
-    def act(self, site: Site, ctx, params: dict, call: SiteCall) -> bool:
+    def act(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> bool:
         x = call.hidden
-        span = image_span(site, ctx, x.shape[1])
+        span = call_image_span(site, ctx, x)
         if span is None:
-            ctx.notes[site.name] = NO_GRID
             return False
         # the processor decides, at each call: it may have been swapped since acceleration (fused
         # projections, an IP-Adapter or LoRA loaded, set_attn_processor)
@@ -183,8 +168,8 @@ class ToDoConfig(MethodConfig):
         def check(out):
             """The attention ran elsewhere than scaled_dot_product_attention: say so, keys/values were whole."""
             if not pooling.hits:
-                n, computed, _ = ctx.log[site.name]
-                ctx.log[site.name] = (n, computed, n)
+                record = ctx.log[site.name]
+                ctx.log[site.name] = CallRecord(record.tokens, record.computed, record.tokens)
                 ctx.notes[site.name] = NOT_POOLED
                 ctx.warn_once("todo not pooled", f"todo: {site.name} {NOT_POOLED}; describe() lists every such site")
             return out

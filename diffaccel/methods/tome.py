@@ -13,39 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..policy import Policy
 from ..tokens import TokenReduction, bipartite_soft_matching_2d, random_destinations
-from .base import CellReductionConfig, check_bool, register
+from .base import check_bool, register
+from .cells import CellReductionConfig
 
 
 @register
 @dataclass(frozen=True)
 class ToMeConfig(CellReductionConfig):
-    """ratio: fraction of a site's tokens merged away (at most 1 - 1/(sx*sy): one token per cell stays).
-    st: frames a cell spans on video grids (0: by family, see CellReductionConfig.frames_per_cell).
-    max_downsample: the levels merged, as tomesd's downsample factor (1, 2, 4 or 8): 1 merges the
-    finest token grid that has attention, 2 that and the grid at half its resolution, and so on. On
-    SD 1.x/2.x this is exactly tomesd's meaning; on SDXL, which has no attention at full latent
+    """Fields as CellReductionConfig (ratio: the fraction merged away), and:
+    use_rand: a random destination per cell and step (False: the top-left token).
+    merge_attn, merge_crossattn, merge_mlp: which sub-layers are merged (self-attention by default).
+    max_downsample on SD 1.x/2.x is exactly tomesd's; on SDXL, which has no attention at full latent
     resolution, it counts from the finest level with attention (tomesd's max_downsample=1 selects
-    nothing there). tomesd's apply_patch arguments are these fields: its calls port unchanged.
-    metric: similarity measured on the block's input ("block", as ToMeSD: one matching per block
-    shared by its merged sub-layers) or on each sub-layer's own input ("hidden").
-    cost_model: skip calls where merging costs more than it saves (diffaccel.cost); None: only at
-    the default ratio and schedule."""
+    nothing there). tomesd's apply_patch arguments are these fields: its calls port unchanged."""
 
-    ratio: float = 0.5
-    sx: int = 2
-    sy: int = 2
-    st: int = 0
     use_rand: bool = True
-    seed: int = 0
-    max_downsample: int = 1
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    metric: str = "block"
-    cost_model: bool | None = None
-    policy: Policy | dict | str | None = None
 
     name = "tome"
     mode = "mean"

@@ -1,20 +1,66 @@
-"""Tiny random-weight pipelines for every supported family, built offline from configs.
+"""Testing utilities, public so that a contributor's method or a downstream project can be checked
+the way ours are (as `diffusers.utils.testing_utils` serves diffusers):
 
-Widths are tiny, token grids are real (hundreds of image tokens, several frames for video), so
-merging, pruning and caching have something to act on. Text encoders are skipped: calls pass
-prompt embeddings. Used by the tests and by the CLI's `--family` option.
+- tiny random-weight pipelines for every supported family, built offline from configs (`tiny_case`,
+  `FAMILIES`): widths are tiny, token grids are real (hundreds of image tokens, several frames for
+  video), so merging, pruning and caching have something to act on; text encoders are skipped, calls
+  pass prompt embeddings;
+- `snapshot(pipe)`: everything acceleration may touch, to check that removal or a refused call left
+  a pipeline exactly as it was;
+- `registered(cls)`: a method registered for the duration of a block, so that a test can run a
+  method it defines through the whole contract suite without leaving it in the registry.
+
+Also the CLI's `--family` option and the main job's embedded default (`default_pipeline`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-FAMILIES = ("sd1", "sdxl", "animatediff", "pixart", "dit", "sd3", "sd35", "flux", "cogvideox", "wan", "wan22",
-            "hunyuan_video", "ltx")
+# image tokens only, with plain attention processors
+PLAIN_FAMILIES = ("sd1", "sdxl", "animatediff", "pixart", "dit")
+# joint text+image sequences or rotary embeddings
+JOINT_FAMILIES = ("sd3", "sd35", "flux", "cogvideox", "wan", "wan22", "hunyuan_video", "ltx")
+FAMILIES = PLAIN_FAMILIES + JOINT_FAMILIES
+
+
+def snapshot(pipe: Any) -> dict:
+    """Everything acceleration may touch: the attributes of the pipeline, its scheduler and its
+    denoisers, and of every module its hooks, processor and forward."""
+    from diffaccel.pipelines import DENOISER_ATTRS
+
+    state = {"pipe": sorted(pipe.__dict__), "scheduler": sorted(pipe.scheduler.__dict__)}
+    for attr in DENOISER_ATTRS:
+        model = getattr(pipe, attr, None)
+        if model is None:
+            continue
+        state[attr] = sorted(model.__dict__)
+        for name, m in model.named_modules():
+            state[f"{attr}.{name}"] = (
+                tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(getattr(m, "processor", None)),
+                type(m).forward is m.forward.__func__ if hasattr(m.forward, "__func__") else False,
+            )
+    return state
+
+
+@contextlib.contextmanager
+def registered(*classes: type) -> Iterator[None]:
+    """Register method configs for the duration of the block (a method a test defines)."""
+    from .methods.base import _REGISTRY, register
+
+    before = dict(_REGISTRY)
+    try:
+        for cls in classes:
+            register(cls)
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
 
 
 @dataclass
@@ -369,3 +415,35 @@ def default_pipeline(seed: int = 0):
                                    scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     return _quiet(pipe)
+
+
+# -- what a run did, read from public surfaces ----------------------------------------------------
+
+
+def last_geometry(pipe: Any, denoiser: int = 0):
+    """The token geometry of the last denoiser call of an accelerated pipeline, from describe()."""
+    from .describe import describe
+    from .sites import Geometry
+
+    call = describe(pipe)["denoisers"][denoiser]["last_call"]
+    return None if call is None or call["geometry"] is None else Geometry(**call["geometry"])
+
+
+@contextlib.contextmanager
+def recorded_reductions(config_cls: type) -> Iterator[list]:
+    """Within the block, every token reduction a cell-reduction method (ToMe, SiTo) builds for a site
+    call, as (site name, whether the call was a batched CFG pair, the reduction) in call order."""
+    seen, real = [], config_cls.reduction_for
+
+    def recording(self, site, ctx, *args, **kwargs):
+        reduction = real(self, site, ctx, *args, **kwargs)
+        seen.append((site.name, ctx.cfg_batched, reduction))
+        return reduction
+
+    config_cls.reduction_for = recording
+    try:
+        yield seen
+    finally:
+        del config_cls.reduction_for
+        if config_cls.reduction_for is not real:  # it was the class's own: put it back
+            config_cls.reduction_for = real
