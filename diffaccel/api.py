@@ -223,6 +223,8 @@ def _uninstall(inst: Installation) -> None:
         st.handles.clear()
         if st.tracker is not None:
             st.tracker.release()
+        for hook in st.hooks + st.block_hooks:
+            hook.reset_state()  # (no decision of an interrupted call is kept)
         st.hooks.clear()
         st.block_hooks.clear()
         unwrap(st.model).__dict__.pop(STATE_ATTR, None)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .api import resolve_methods
 from .methods.base import MethodConfig
 
 FORMAT = "diffaccel.acceleration"
@@ -29,8 +30,6 @@ VERSION = 1
 def config_dict(methods: Any, **overrides: Any) -> dict:
     """The acceleration file's content for a method spec (a name, a config, a dict, or a list of them,
     with keyword overrides, as `accelerate_pipeline` takes them)."""
-    from .api import resolve_methods
-
     configs = resolve_methods(methods, overrides)
     return {"format": FORMAT, "version": VERSION, "methods": [c.to_dict() for c in configs]}
 

@@ -486,8 +486,8 @@ class Hook:
 
     def _torch_pre(self, module, args, kwargs):
         prepared = self._pending = self.pre_forward(module, args, kwargs)
-        if prepared is None or prepared.skip:
-            return None
+        if prepared is None or prepared.skip or (prepared.args is args and prepared.kwargs is kwargs):
+            return None  # the call runs with the arguments it came with
         return tuple(prepared.args), prepared.kwargs
 
     def run_forward(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -584,10 +584,6 @@ class SiteHook(Hook):
         self._params_key: tuple | None = None
         self._params: list[dict | None] = []
         self._idle = True
-
-    def reset_state(self) -> None:
-        super().reset_state()
-        self._params_key, self._params, self._idle = None, [], True
 
     def params_at(self, step: int, num_steps: int | None) -> list[dict | None]:
         return [m.resolve(p.evaluate(self.site, step, num_steps)) for m, p in zip(self.methods, self.policies)]

@@ -434,6 +434,7 @@ def recorded_reductions(config_cls: type) -> Iterator[list]:
     """Within the block, every token reduction a cell-reduction method (ToMe, SiTo) builds for a site
     call, as (site name, whether the call was a batched CFG pair, the reduction) in call order."""
     seen, real = [], config_cls.reduction_for
+    own = "reduction_for" in config_cls.__dict__
 
     def recording(self, site, ctx, *args, **kwargs):
         reduction = real(self, site, ctx, *args, **kwargs)
@@ -444,6 +445,7 @@ def recorded_reductions(config_cls: type) -> Iterator[list]:
     try:
         yield seen
     finally:
-        del config_cls.reduction_for
-        if config_cls.reduction_for is not real:  # it was the class's own: put it back
+        if own:
             config_cls.reduction_for = real
+        else:
+            del config_cls.reduction_for

@@ -193,6 +193,15 @@ class MethodConfig:
         return {f.name for f in dataclasses.fields(cls)} | set(cls.aliases)
 
     @classmethod
+    def fields_of(cls, options: dict) -> dict:
+        """Options as the user named them (fields, or the reference's names) -> {config field: value};
+        a name the config does not have raises, naming the allowed ones."""
+        for key in options:
+            if key not in cls.option_names():
+                raise unknown_option(key, [cls])
+        return dict(cls.translate(k, v) for k, v in options.items())
+
+    @classmethod
     def decode(cls, key: str, value: Any) -> Any:
         """A field's value as read from JSON (e.g. dict keys that JSON turned into strings)."""
         return value
@@ -220,25 +229,15 @@ class MethodConfig:
             return method_class(name).from_dict(d)
         if name is not None and method_class(name) is not cls:
             raise ValueError(f"{cls.__name__}.from_dict got a config of {name!r}")
-        fields: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in cls.option_names():
-                raise unknown_option(key, [cls])
-            key, value = cls.translate(key, value)
-            fields[key] = cls.decode(key, value)
-        return cls(**fields)
+        return cls(**{key: cls.decode(key, value) for key, value in cls.fields_of(data).items()})
 
     def with_options(self, **options: Any) -> MethodConfig:
         """A copy with these options (fields, or the reference's names) changed, made as a user makes a
         config: a strength given this way is explicit (see `register`)."""
-        cls = type(self)
-        for key in options:
-            if key not in cls.option_names():
-                raise unknown_option(key, [cls])
-        changes = dict(cls.translate(k, v) for k, v in options.items())
+        changes = self.fields_of(options)
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.init and getattr(self, f.name) != _default(f)}
-        return cls(**{**kept, **changes})
+        return type(self)(**{**kept, **changes})
 
     def config_hash(self) -> int:
         return hash(_frozen(self.to_dict()))
@@ -317,7 +316,7 @@ class TokenMethod(MethodConfig):
         default strength and schedule."""
         if self.cost_model is not None:
             return self.cost_model
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
         return self.policy is None and all(getattr(self, k) == defaults.get(k) for k in self.params)
 
     def act(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> bool:

@@ -170,5 +170,4 @@ def _span_restore(reduction: TokenReduction, start: int):
             return reduction.restore(y)
         return torch.cat([y[:, :start], reduction.restore(y[:, start:start + kept]), y[:, start + kept:]], dim=1)
 
-    restore.reduction = reduction
     return restore
