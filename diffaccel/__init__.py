@@ -15,12 +15,14 @@ from .methods import (
     DuCaConfig,
     FORAConfig,
     MethodConfig,
+    Option,
     SiToConfig,
     ToCaConfig,
     ToDoConfig,
     TokenMethod,
     ToMeConfig,
     available_methods,
+    option,
     register,
 )
 from .policy import Constant, Cosine, Linear, Piecewise, Policy, Rule, Selector, Window
@@ -32,6 +34,6 @@ __all__ = [
     "CachingMethod", "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig",
     "Piecewise", "Policy", "Rule", "Selector", "SiToConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod",
     "UnsupportedModelError", "Window", "accelerate_pipeline", "available_methods", "describe", "is_accelerated",
-    "load_config", "load_reference_pipeline", "register", "remove_acceleration", "reset", "save_config",
+    "load_config", "load_reference_pipeline", "Option", "option", "register", "remove_acceleration", "reset", "save_config",
     "supported_families",
 ]

@@ -1,5 +1,5 @@
-"""Command line: `diffaccel run` (the main job on the embedded default), `diffaccel bench` and
-`diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)."""
+"""Command line: `diffaccel run` (the main job on the embedded default), `diffaccel bench`,
+`diffaccel demo` (the Gradio app) and `diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,16 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit('diffaccel demo needs the demo extra: pip install -e ".[demo]"') from None
+    from .demo.app import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffaccel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_parser(sub)
 
+    demo = sub.add_parser("demo", add_help=False, help="the Gradio demo in a browser: baseline and accelerated side "
+                          "by side (needs the demo extra; `diffaccel demo --help` for its options)")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=cmd_demo)
+
     ref = sub.add_parser("reference", help="caption following and step redundancy of the reference models, beside "
                                            "random-weight copies; optionally a sample grid")
     ref.add_argument("--kinds", nargs="+", choices=["unet", "dit"], default=["unet", "dit"])
@@ -184,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--grid", default=None, help="folder for sample grids (samples_<kind>.png)")
     ref.add_argument("--out", default=None, help="write the figures as JSON here")
     ref.set_defaults(func=cmd_reference)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["demo"]:  # its options are the demo's own (argparse cannot hand on a leading --option)
+        return cmd_demo(argparse.Namespace(demo_args=given[1:]))
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = given
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return args.func(args)

@@ -81,3 +81,38 @@ def load_config(path: str | os.PathLike) -> list[MethodConfig]:
         return configs_from_dict(data)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{path}: {e}") from None
+
+
+def config_code(methods: Any, **overrides: Any) -> str:
+    """The Python expression that makes these method configs, shortest first: `ToCaConfig(interval=4)`
+    with only the fields that differ from the defaults, and `cost_model` only where a call without it
+    would not give an equal config (e.g. a strength given alongside cost_model=None). Each
+    expression is checked against the config it stands for; the imports it needs come first.
+
+        >>> print(config_code(["todo", ToCaConfig(interval=4)]))
+        from diffaccel.methods.todo import ToDoConfig
+        from diffaccel.methods.toca import ToCaConfig
+        [ToDoConfig(), ToCaConfig(interval=4)]
+    """
+    import dataclasses
+
+    configs = resolve_methods(methods, overrides)
+    imports, exprs = [], []
+    for c in configs:
+        cls = type(c)
+        data = c.to_dict()
+        data.pop("method")
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in dataclasses.fields(cls)}
+        changed = {k: v for k, v in data.items() if k == "policy" or v != defaults.get(k)}
+        # the cost model setting follows from a given strength (see `register`): spelled out only if needed
+        bare = {k: v for k, v in changed.items() if k != "cost_model"}
+        candidates = [bare, {**bare, "cost_model": data["cost_model"]}] if "cost_model" in data else [changed]
+        for kwargs in (*candidates, data):
+            if cls(**kwargs) == c:
+                break
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        imports.append(f"from {cls.__module__} import {cls.__name__}")
+        exprs.append(f"{cls.__name__}({args})")
+    body = exprs[0] if len(exprs) == 1 else "[" + ", ".join(exprs) + "]"
+    return "\n".join(dict.fromkeys(imports)) + "\n" + body

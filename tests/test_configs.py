@@ -166,3 +166,75 @@ def test_a_method_without_a_name_or_a_dataclass_is_not_registered():
     with pytest.raises(TypeError, match="must be a frozen dataclass"):
         register(NotADataclass)
     assert "plain" not in diffaccel.available_methods()
+
+
+# -- declared options: what the faces offer is what validation checks -----------------------------
+
+
+@pytest.mark.parametrize("name", diffaccel.available_methods())
+def test_every_option_is_declared_for_the_faces(name):
+    cls = method_class(name)
+    options = cls.options()
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "policy"}
+    assert {o.name for o in options} == fields
+    assert [o.name for o in options if o.main] == [p for p in cls.params if p in fields]  # strengths first
+    assert all(o.main for o in options[:len(cls.params)])
+    for o in options:
+        assert len(o.doc) > 10, (name, o.name)
+        assert o.kind in ("float", "int", "bool", "choice", "number_or_choice", "json"), (name, o.name)
+        if o.kind in ("float", "int", "number_or_choice"):
+            assert o.low is not None and o.high is not None and o.low <= o.default if not isinstance(o.default, str) \
+                else True
+        if o.kind == "choice":
+            assert o.default in o.choices
+        json.dumps(o.to_dict())  # JSON-ready for faces outside Python
+
+
+@pytest.mark.parametrize("name", diffaccel.available_methods())
+def test_declared_bounds_and_choices_are_what_validation_checks(name):
+    cls = method_class(name)
+    for o in cls.options():
+        if o.kind in ("float", "int", "number_or_choice"):
+            step = 1 if o.kind == "int" else 0.5
+            for outside in (o.low - step, o.high + step):
+                with pytest.raises(ValueError, match=rf"{cls.__name__}\.{o.name} must be"):
+                    cls(**{o.name: outside})
+        if o.kind in ("choice", "number_or_choice"):
+            with pytest.raises((TypeError, ValueError), match=rf"{cls.__name__}\.{o.name} must be"):
+                cls(**{o.name: "no-such-choice"})
+        if o.kind == "bool":
+            with pytest.raises(TypeError, match=rf"{cls.__name__}\.{o.name} must be True or False"):
+                cls(**{o.name: 1})
+        if o.kind == "int":
+            with pytest.raises(TypeError, match=rf"{cls.__name__}\.{o.name} must be an int"):
+                cls(**{o.name: o.default + 0.5})
+
+
+def test_a_ratio_bound_narrowed_by_the_cell_is_the_one_reported():
+    with pytest.raises(ValueError, match=r"ToMeConfig.ratio must be in \[0.0, 0.875\], got 0.9"):
+        diffaccel.ToMeConfig(ratio=0.9, sx=2, sy=4)
+    assert diffaccel.ToMeConfig(ratio=0.85, sx=2, sy=4).ratio == 0.85
+    with pytest.raises(ValueError, match=r"ToMeConfig.ratio must be in \[0.0, 1.0\], got 1.5"):
+        diffaccel.ToMeConfig(ratio=1.5, sx=0)  # sx out of range too: the declared bound is the one said
+    with pytest.raises(ValueError, match=r"ToMeConfig.sx must be in \[1, 64\], got 0"):
+        diffaccel.ToMeConfig(ratio=0.5, sx=0)
+
+
+def test_config_code_is_the_shortest_exact_expression():
+    from diffaccel.config import config_code
+
+    cases = [["todo", diffaccel.ToCaConfig(interval=4)], diffaccel.ToMeConfig(ratio=0.5),
+             diffaccel.ToMeConfig.from_dict({**diffaccel.ToMeConfig(ratio=0.6).to_dict(), "cost_model": None}),
+             {"method": "fora", "policy": {"rules": [{"select": {"kind": "ff"}, "params": {"interval": 2}}]}}]
+    for spec in cases:
+        code = config_code(spec)
+        scope: dict = {}
+        *imports, expr = code.split("\n")
+        exec("\n".join(imports), scope)
+        made = eval(expr, scope)
+        made = made if isinstance(made, list) else [made]
+        assert made == diffaccel.api.resolve_methods(spec, {}), code
+    assert config_code(["todo", diffaccel.ToCaConfig(interval=4)]).endswith("[ToDoConfig(), ToCaConfig(interval=4)]")
+    assert config_code(diffaccel.ToMeConfig(ratio=0.6)).endswith("ToMeConfig(ratio=0.6)")
+    assert config_code(diffaccel.ToMeConfig.from_dict({**diffaccel.ToMeConfig(ratio=0.6).to_dict(),
+                                                         "cost_model": None})).endswith("cost_model=None)")

@@ -1,7 +1,16 @@
 """Methods: one file each, registered by name (see `base` for the protocol)."""
 
 from ..call import CacheEntry, Context, Plan, SiteCall
-from .base import CachingMethod, MethodConfig, TokenMethod, available_methods, method_class, register
+from .base import (
+           CachingMethod,
+           MethodConfig,
+           Option,
+           TokenMethod,
+           available_methods,
+           method_class,
+           option,
+           register,
+)
 from .duca import DuCaConfig
 from .fora import FORAConfig
 from .sito import SiToConfig
@@ -11,4 +20,4 @@ from .tome import ToMeConfig
 
 __all__ = ["CacheEntry", "CachingMethod", "Context", "DuCaConfig", "FORAConfig", "MethodConfig", "Plan", "SiToConfig",
            "SiteCall", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod", "available_methods", "method_class",
-           "register"]
+           "register", "Option", "option"]

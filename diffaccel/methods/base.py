@@ -13,7 +13,9 @@ the runtime asks it, for every call of a site its policy selects, what to do:
 
 The call contract they are typed with (Context, SiteCall, CacheEntry, Plan) is in `diffaccel.call`.
 Adding a method is one file: a config dataclass subclassing one of the kinds, decorated with
-`@register`.
+`@register`. Its fields are declared with `option(default, doc=..., low=..., high=..., choices=...)`:
+the bounds are checked when a config is made, and `Config.options()` hands the same type, range,
+default and doc to the faces (the demo's controls, the ComfyUI nodes' inputs, the CLI).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def check_number(cls_name: str, field: str, value: Any, low: float, high: float,
 
 
 def check_choice(cls_name: str, field: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
         raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
@@ -114,12 +116,90 @@ def check_bool(cls_name: str, field: str, value: Any) -> None:
 DOWNSAMPLES = (1, 2, 4, 8)
 
 
-def check_downsample(cls_name: str, field: str, value: Any) -> None:
-    """A tomesd-style max_downsample: a token-grid downsample factor."""
-    if isinstance(value, bool) or value not in DOWNSAMPLES:
-        raise ValueError(f"{cls_name}.{field} must be one of {list(DOWNSAMPLES)} (a downsample factor: 1 acts at "
-                         f"the finest token grid with attention, 2 there and at half its resolution, ...), "
-                         f"got {value!r}")
+# -- declared options -------------------------------------------------------------------------------
+
+_META = "diffaccel"
+
+
+def option(default: Any = dataclasses.MISSING, *, doc: str, low: float | None = None, high: float | None = None,
+           integer: bool = False, choices: tuple | None = None, kw_only: bool = False,
+           default_factory: Any = dataclasses.MISSING) -> Any:
+    """A method config field with what a face needs to offer it and what validation checks: `doc` (one
+    or two sentences), numeric bounds [low, high] (`integer` for whole numbers) and/or `choices`
+    (a value may be one of the choices or a number in the bounds when both are given)."""
+    meta = {_META: dict(doc=" ".join(doc.split()), low=low, high=high, integer=integer,
+                        choices=None if choices is None else tuple(choices))}
+    kwargs: dict[str, Any] = dict(kw_only=kw_only, metadata=meta)
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config field as a face offers it.
+
+    kind: "float", "int" (bounded numbers), "bool", "choice" (one of `choices`), "number_or_choice"
+    (a bounded number or one of `choices`, e.g. ToDo's factor 2.0 or "auto"), or "json" (any other
+    value, e.g. a dict, edited as JSON). main: a strength the policy schedules (e.g. ratio, interval),
+    the knobs a face shows first."""
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    main: bool = False
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["choices"] = None if self.choices is None else list(self.choices)
+        return d
+
+
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _option_of(cls: type, f: dataclasses.Field) -> Option:
+    meta = f.metadata.get(_META, {})
+    doc = meta.get("doc", "")
+    low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
+    kind = "json"
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if annotation.replace(" ", "") in ("bool|None", "Optional[bool]"):
+        kind, choices = "choice", (None, True, False)
+    elif low is not None or high is not None:
+        kind = "number_or_choice" if choices else ("int" if meta.get("integer") else "float")
+    elif choices:
+        kind = "choice"
+    elif _SCALARS.get(annotation) is bool:
+        kind = "bool"
+    elif _SCALARS.get(annotation) in (int, float):
+        kind = annotation
+    return Option(f.name, kind, _default(f), doc, low, high, choices, f.name in cls.params)
+
+
+def _check_option(cls_name: str, f: dataclasses.Field, value: Any, bounds: tuple | None = None) -> None:
+    meta = f.metadata.get(_META)
+    if meta is None:
+        return
+    low, high = bounds or (meta["low"], meta["high"])
+    choices = meta["choices"]
+    numeric = low is not None or high is not None
+    if choices and any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        return
+    if numeric:
+        if choices and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ValueError(f"{cls_name}.{f.name} must be a number in [{low}, {high}] or "
+                             f"{' or '.join(map(repr, choices))}, got {value!r}")
+        check_number(cls_name, f.name, value, -math.inf if low is None else low, math.inf if high is None else high,
+                     integer=meta["integer"])
+    elif choices:
+        check_choice(cls_name, f.name, value, choices)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -180,9 +260,36 @@ class MethodConfig:
                 for key, schedule in rule.params.items():
                     for value in schedule.knots():
                         self.check_param(key, value)
+        self.check_options()
         self.validate()
 
     # -- options and data ---------------------------------------------------------------------
+    @classmethod
+    def options(cls) -> list[Option]:
+        """The config's fields as faces offer them (type, bounds, default, doc), the policy aside;
+        the strengths the policy schedules first."""
+        opts = [_option_of(cls, f) for f in dataclasses.fields(cls) if f.init and f.name != "policy"]
+        return sorted(opts, key=lambda o: not o.main)
+
+    def check_options(self) -> None:
+        """Check every declared option against its bounds and choices (bool fields: True or False)."""
+        n = type(self).__name__
+        for f in dataclasses.fields(self):
+            if f.name == "policy":
+                continue
+            value = getattr(self, f.name)
+            annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if annotation == "bool":
+                check_bool(n, f.name, value)
+            elif annotation.replace(" ", "") == "bool|None" and value is not None:
+                check_bool(n, f.name, value)
+            _check_option(n, f, value, self.bounds(f.name))
+
+    def bounds(self, name: str) -> tuple[float, float] | None:
+        """(low, high) of a numeric option where this config's other fields narrow the declared range
+        (None: as declared)."""
+        return None
+
     @classmethod
     def translate(cls, key: str, value: Any) -> tuple[str, Any]:
         """An option as the user named it (a field or a reference's name) -> (config field, value)."""
@@ -252,7 +359,8 @@ class MethodConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise a clear error on bad field values."""
+        """Raise a clear error on bad field values that the declared options do not cover (values that
+        depend on each other); `check_options` has run before."""
 
     def check_param(self, key: str, value: float) -> None:
         """Validate one scheduled parameter value (same bounds as the config field)."""
@@ -305,11 +413,9 @@ class TokenMethod(MethodConfig):
     model decides at the method's default strength and schedule only; a config made with a strength
     (e.g. ratio=0.5) acts wherever its policy selects."""
 
-    cost_model: bool | None = field(default=None, kw_only=True)
-
-    def validate(self) -> None:
-        if self.cost_model is not None:
-            check_bool(type(self).__name__, "cost_model", self.cost_model)
+    cost_model: bool | None = option(None, kw_only=True, doc="Skip calls where the rewrite costs more than it "
+                                     "saves. None: the cost model decides at the method's default strength and "
+                                     "schedule only; a config made with a strength acts wherever its policy selects.")
 
     def uses_cost_model(self) -> bool:
         """Whether the cost model may skip calls: `cost_model` when set, else only at the method's
@@ -334,17 +440,15 @@ class CachingMethod(MethodConfig):
     warmup: steps at the start of the run that are always computed; the last of them begins the
     first cycle (0 and 1 are the same)."""
 
-    interval: int = 3
-    warmup: int = field(default=0, kw_only=True)
+    interval: int = option(3, low=1, high=1000, integer=True,
+                           doc="Steps one computed output serves (1: compute every step, the baseline).")
+    warmup: int = option(0, low=0, high=100_000, integer=True, kw_only=True,
+                         doc="Steps at the start of the run that are always computed; the last of them begins "
+                             "the first cycle (0 and 1 are the same).")
 
     caches = True
     params = ("interval",)
     zero = {"interval": 1}
-
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_number(n, "interval", self.interval, 1, 1000, integer=True)
-        check_number(n, "warmup", self.warmup, 0, 100_000, integer=True)
 
     def check_param(self, key: str, value: float) -> None:
         if key == "interval":  # schedules may give fractional intervals; they are rounded when used

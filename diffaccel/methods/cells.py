@@ -5,7 +5,7 @@ in `diffaccel.tokens`; each method's file holds its own choice (`build_reduction
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -16,7 +16,7 @@ from ..cost import reduction_estimate
 from ..policy import Policy, Rule, Selector
 from ..sites import Site
 from ..tokens import TokenReduction, gather_positions, rope_seq_dim
-from .base import TokenMethod, check_bool, check_choice, check_downsample, check_number
+from .base import DOWNSAMPLES, TokenMethod, option
 from .common import block_generator, call_image_span, cfg_rows, default_frames, downsample_levels
 
 METRICS = ("block", "hidden")
@@ -27,26 +27,25 @@ class CellReductionConfig(TokenMethod):
     """Shared by the methods that reduce a site's image tokens with one kept token per cell. Subclasses
     declare the three sub-layer switches named in `kind_flags` and provide `build_reduction`.
 
-    ratio: fraction of a site's tokens reduced away (at most 1 - 1/(sx*sy): one token per cell stays).
-    sx, sy: the cell's width and height in tokens.
-    st: frames a cell spans on video grids (0: by family, see `frames_per_cell`).
-    seed: seed of the per-step draws (fixed by seed, step and block, so the same whatever the batch).
-    max_downsample: the levels reduced, as tomesd's downsample factor (1, 2, 4 or 8): 1 acts at the
-    finest token grid that has attention, 2 there and at the grid at half its resolution, and so on.
-    metric: similarity measured on the block's input ("block": one matching per block shared by its
-    reduced sub-layers) or on each sub-layer's own input ("hidden").
-
     On joint sequences only the image span is reduced (text tokens pass unchanged); rotary tables and
     key masks are gathered for the kept tokens (a merged destination keeps its own position), and an
     (image, text) output pair has its image part restored."""
 
-    ratio: float = 0.5
-    sx: int = 2
-    sy: int = 2
-    st: int = 0
-    seed: int = field(default=0, kw_only=True)
-    max_downsample: int = field(default=1, kw_only=True)
-    metric: str = field(default="block", kw_only=True)
+    ratio: float = option(0.5, low=0.0, high=1.0, doc="Fraction of a site's tokens reduced away (at most "
+                          "1 - 1/(sx*sy): one token per cell stays).")
+    sx: int = option(2, low=1, high=64, integer=True, doc="The cell's width in tokens.")
+    sy: int = option(2, low=1, high=64, integer=True, doc="The cell's height in tokens.")
+    st: int = option(0, low=0, high=64, integer=True, doc="Frames a cell spans on video grids (0: by family).")
+    seed: int = option(0, low=0, high=2**62, integer=True, kw_only=True,
+                       doc="Seed of the per-step draws (fixed by seed, step and block, so the same whatever "
+                           "the batch).")
+    max_downsample: int = option(1, choices=DOWNSAMPLES, kw_only=True,
+                                 doc="The levels reduced, as tomesd's downsample factor: 1 acts at the finest "
+                                     "token grid that has attention, 2 there and at the grid at half its "
+                                     "resolution, and so on.")
+    metric: str = option("block", choices=METRICS, kw_only=True,
+                         doc='Similarity measured on the block\'s input ("block": one matching per block shared '
+                             'by its reduced sub-layers) or on each sub-layer\'s own input ("hidden").')
 
     priority = 10
     reduces_tokens = True
@@ -55,18 +54,11 @@ class CellReductionConfig(TokenMethod):
     mode: ClassVar[str] = "mean"  # TokenReduction.reduce mode
     kind_flags: ClassVar[tuple[str, str, str]] = ()  # switches for self_attn, cross_attn, ff
 
-    def validate(self) -> None:
-        n = type(self).__name__
-        check_number(n, "sx", self.sx, 1, 64, integer=True)
-        check_number(n, "sy", self.sy, 1, 64, integer=True)
-        check_number(n, "st", self.st, 0, 64, integer=True)
-        super().validate()
-        check_number(n, "ratio", self.ratio, 0.0, 1.0 - 1.0 / (self.sx * self.sy))
-        check_number(n, "seed", self.seed, 0, 2**62, integer=True)
-        check_downsample(n, "max_downsample", self.max_downsample)
-        check_choice(n, "metric", self.metric, METRICS)
-        for flag in self.kind_flags:
-            check_bool(n, flag, getattr(self, flag))
+    def bounds(self, name: str) -> tuple[float, float] | None:
+        cell = (self.sx, self.sy)
+        if name == "ratio" and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64 for v in cell):
+            return 0.0, 1.0 - 1.0 / (self.sx * self.sy)  # one token per cell stays
+        return None
 
     def default_policy(self) -> Policy:
         kinds = tuple(k for k, flag in zip(("self_attn", "cross_attn", "ff"), self.kind_flags) if getattr(self, flag))

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from ..call import CacheEntry, Context, Plan, SiteCall
 from ..sites import Site
-from .base import check_choice, register
-from .toca import ToCaConfig
+from .base import option, register
+from .toca import SCORES, ToCaConfig
 
 AGGRESSIVE = ("blocks", "sublayers")
 
@@ -33,20 +33,18 @@ AGGRESSIVE = ("blocks", "sublayers")
 @register
 @dataclass(frozen=True)
 class DuCaConfig(ToCaConfig):
-    """Fields as ToCaConfig. interval: steps per cycle (1: the baseline). fresh_ratio: base fraction
-    of tokens recomputed on conservative steps (default 0.75). score: default "vnorm".
-    aggressive: what an aggressive step reuses, "blocks" (whole blocks) or "sublayers"."""
+    """Dual caching: ToCa's fields, with conservative steps (fresh tokens recomputed) alternating with
+    aggressive ones (everything reused) between the full steps."""
 
-    fresh_ratio: float = 0.75
-    score: str = "vnorm"
-    aggressive: str = "blocks"
+    fresh_ratio: float = option(0.75, low=0.0, high=1.0, doc="Base fraction of tokens recomputed on conservative "
+                                "steps (1: all).")
+    score: str = option("vnorm", choices=SCORES, doc='Primary fresh-token score: "vnorm" (the value projection\'s '
+                        'norm), "change", "random", "attention" or "entropy".')
+    aggressive: str = option("blocks", choices=AGGRESSIVE, doc='What an aggressive step reuses: "blocks" (whole '
+                             'blocks) or "sublayers".')
 
     name = "duca"
     zero = {"interval": 1}
-
-    def validate(self) -> None:
-        super().validate()
-        check_choice(type(self).__name__, "aggressive", self.aggressive, AGGRESSIVE)
 
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1  # aggressive steps reuse whatever the fresh ratio

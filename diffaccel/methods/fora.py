@@ -27,7 +27,7 @@ from .common import SUBLAYERS, warmup_window
 @dataclass(frozen=True)
 class FORAConfig(CachingMethod):
     """Fields as CachingMethod: interval (steps one computed output serves; 1: the baseline) and
-    warmup (steps at the start always computed)."""
+    warmup (steps at the start always computed). Every sub-layer's output is reused whole."""
 
     name = "fora"
 

@@ -16,24 +16,22 @@ from dataclasses import dataclass
 import torch
 
 from ..tokens import TokenReduction, similarity_pruning_2d
-from .base import check_number, register
+from .base import option, register
 from .cells import CellReductionConfig
 
 
 @register
 @dataclass(frozen=True)
 class SiToConfig(CellReductionConfig):
-    """Fields as CellReductionConfig (ratio: the fraction pruned), and:
-    noise: standard deviation of the Gaussian noise on the summed similarity score (varies the base
-    tokens across steps).
-    prune_attn, prune_crossattn, prune_mlp: which sub-layers are pruned (self-attention by default).
-    SiTo's own argument names work too (prune_ratio, max_downsample_ratio, noise_alpha,
-    prune_selfattn_flag, prune_crossattn_flag, prune_mlp_flag)."""
+    """Fields as CellReductionConfig (ratio: the fraction pruned), the noise on the score, and which
+    sub-layers are pruned. SiTo's own argument names work too (prune_ratio, max_downsample_ratio,
+    noise_alpha, prune_selfattn_flag, prune_crossattn_flag, prune_mlp_flag)."""
 
-    noise: float = 0.1
-    prune_attn: bool = True
-    prune_crossattn: bool = False
-    prune_mlp: bool = False
+    noise: float = option(0.1, low=0.0, high=10.0, doc="Standard deviation of the Gaussian noise on the summed "
+                          "similarity score (varies the base tokens across steps).")
+    prune_attn: bool = option(True, doc="Prune the tokens of self-attention.")
+    prune_crossattn: bool = option(False, doc="Prune the tokens of cross-attention.")
+    prune_mlp: bool = option(False, doc="Prune the tokens of the feed-forward.")
 
     name = "sito"
     mode = "drop"
@@ -41,10 +39,6 @@ class SiToConfig(CellReductionConfig):
                "prune_selfattn_flag": "prune_attn", "prune_crossattn_flag": "prune_crossattn",
                "prune_mlp_flag": "prune_mlp"}  # SiTo's apply_patch
     kind_flags = ("prune_attn", "prune_crossattn", "prune_mlp")
-
-    def validate(self) -> None:
-        super().validate()
-        check_number(type(self).__name__, "noise", self.noise, 0.0, 10.0)
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:

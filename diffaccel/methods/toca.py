@@ -47,7 +47,7 @@ set. Caches are released when the run ends.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -60,7 +60,7 @@ from ..kernels import gather_tokens, scatter_tokens
 from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
-from .base import CachingMethod, check_bool, check_choice, check_number, register
+from .base import CachingMethod, check_choice, check_number, option, register
 from .common import SUBLAYERS, block_generator, cfg_rows, image_span, kv_attention, warmup_window
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
@@ -108,19 +108,6 @@ class TokenwiseCache(CachingMethod):
     def validate(self) -> None:
         super().validate()
         n = type(self).__name__
-        check_number(n, "fresh_ratio", self.fresh_ratio, 0.0, 1.0)
-        check_choice(n, "score", self.score, SCORES)
-        check_number(n, "staleness_weight", self.staleness_weight, 0.0, 100.0)
-        check_number(n, "cell", self.cell, 0, 64, integer=True)
-        check_number(n, "cell_frames", self.cell_frames, 1, 64, integer=True)
-        check_number(n, "cell_weight", self.cell_weight, 0.0, 100.0)
-        check_number(n, "step_weight", self.step_weight, -10.0, 10.0)
-        check_number(n, "depth_weight", self.depth_weight, -10.0, 10.0)
-        check_bool(n, "depth_per_stream", self.depth_per_stream)
-        check_number(n, "depth_span", self.depth_span, 0, 100_000, integer=True)
-        check_number(n, "interval_weight", self.interval_weight, -0.99, 0.99)
-        check_bool(n, "aligned", self.aligned)
-        check_number(n, "seed", self.seed, 0, 2**62, integer=True)
         for what, weights, keys in (("kind_weights", self.kind_weights, SUBLAYERS), ("stream_weights", self.stream_weights, None)):
             if not isinstance(weights, dict):
                 raise TypeError(f"{n}.{what} must be a dict, got {weights!r}")
@@ -391,42 +378,41 @@ def _value_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass(frozen=True)
 class ToCaConfig(TokenwiseCache):
-    """interval: steps per cycle; its first step computes every token (1: the baseline).
-    fresh_ratio: base fraction R of tokens recomputed on the other steps (1: all, the baseline); the
-    fraction at a site is R x the step, depth, kind and stream factors, clamped to [0, 1].
-    warmup: steps at the start of the run that are always computed; the last of them begins the
-    first cycle (0 and 1 are the same).
-    score: primary fresh-token score, one of "change", "vnorm", "random", "attention", "entropy".
-    staleness_weight: bonus per cached step a token has waited, over the interval.
-    cell, cell_frames, cell_weight: the uniformity bonus's cell (cell 0 turns it off) and its weight.
-    step_weight, depth_weight: the step and depth factors (see the module docstring).
-    depth_per_stream: count depth within each block list (Flux's double- and single-stream blocks)
-    instead of over the model; depth_span: the block index the depth factor reaches its end at (0:
-    the last block).
-    kind_weights: factor per sub-layer kind (self_attn, cross_attn, ff); stream_weights: factor per
-    block list (e.g. {"single_transformer_blocks": 1.6}).
-    interval_weight: the reference's interval step factor w: an interval N set at progress p is
-    round(N / (1 - w + 2 w p)) (0: N).
-    aligned: full steps fall on multiples of the interval (ToCa's PixArt and DiT code) rather than
-    `interval` steps after the last one (flux-ToCa).
-    seed: seed of the "random" score.
+    """Token-wise caching: every `interval` steps a full step, in between only the fresh tokens (the
+    highest-scoring fraction) are recomputed and the rest reused.
     `ToCaConfig.paper("pixart-alpha")` and `.paper("flux")` are the reference code's own settings."""
 
-    fresh_ratio: float = 0.3
-    score: str = "change"
-    staleness_weight: float = 0.25
-    cell: int = 4
-    cell_frames: int = 2
-    cell_weight: float = 0.4
-    step_weight: float = 0.9
-    depth_weight: float = 0.6
-    depth_per_stream: bool = False
-    depth_span: int = 0
-    kind_weights: dict = field(default_factory=lambda: dict(KIND_WEIGHTS))
-    stream_weights: dict = field(default_factory=dict)
-    interval_weight: float = 0.0
-    aligned: bool = False
-    seed: int = 0
+    fresh_ratio: float = option(0.3, low=0.0, high=1.0,
+                                doc="Base fraction R of tokens recomputed on the steps between full ones (1: all, "
+                                    "the baseline); the fraction at a site is R x the step, depth, kind and stream "
+                                    "factors, clamped to [0, 1].")
+    score: str = option("change", choices=SCORES, doc='Primary fresh-token score: "change", "vnorm", "random", '
+                        '"attention" (attention received) or "entropy" (cross-attention entropy).')
+    staleness_weight: float = option(0.25, low=0.0, high=100.0,
+                                     doc="Bonus per cached step a token has waited, over the interval.")
+    cell: int = option(4, low=0, high=64, integer=True,
+                       doc="Side of the uniformity bonus's cell in tokens (0 turns the bonus off).")
+    cell_frames: int = option(2, low=1, high=64, integer=True, doc="Frames the uniformity bonus's cell spans.")
+    cell_weight: float = option(0.4, low=0.0, high=100.0, doc="Weight of the uniformity bonus.")
+    step_weight: float = option(0.9, low=-10.0, high=10.0,
+                                doc="The step factor: fresh tokens change by this much over the run.")
+    depth_weight: float = option(0.6, low=-10.0, high=10.0,
+                                 doc="The depth factor: fresh tokens change by this much from the first block to "
+                                     "the last.")
+    depth_per_stream: bool = option(False, doc="Count depth within each block list (Flux's double- and "
+                                    "single-stream blocks) instead of over the model.")
+    depth_span: int = option(0, low=0, high=100_000, integer=True,
+                             doc="The block index the depth factor reaches its end at (0: the last block).")
+    kind_weights: dict = option(doc="Factor per sub-layer kind (self_attn, cross_attn, ff).",
+                                default_factory=lambda: dict(KIND_WEIGHTS))
+    stream_weights: dict = option(doc='Factor per block list (e.g. {"single_transformer_blocks": 1.6}).',
+                                  default_factory=dict)
+    interval_weight: float = option(0.0, low=-0.99, high=0.99,
+                                    doc="The reference's interval step factor w: an interval N set at progress p "
+                                        "is round(N / (1 - w + 2 w p)) (0: N).")
+    aligned: bool = option(False, doc="Full steps fall on multiples of the interval (ToCa's PixArt and DiT code) "
+                           "rather than `interval` steps after the last one (flux-ToCa).")
+    seed: int = option(0, low=0, high=2**62, integer=True, doc='Seed of the "random" score.')
 
     name = "toca"
 

@@ -18,7 +18,7 @@ keys are left alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..call import CallRecord, Context, SiteCall
@@ -26,7 +26,7 @@ from ..cost import pooling_estimate
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import POOL_MODES, PooledAttention, pool_tokens
-from .base import MethodConfig, TokenMethod, check_choice, check_downsample, check_number, register
+from .base import DOWNSAMPLES, MethodConfig, TokenMethod, check_number, option, register
 from .common import call_image_span, default_frames, downsample_levels, kv_attention
 
 AUTO = "auto"
@@ -42,25 +42,27 @@ def auto_factor(pixel_area: int) -> float:
 @register
 @dataclass(frozen=True)
 class ToDoConfig(TokenMethod):
-    """factor: key/value downsampling factor per side at the finest level (1 = off), or "auto" (by the
-    image size: 2 up to 1024^2 pixels, 3 up to 1536^2, 4 above; in a policy, factor 0 means auto).
-    mode: how keys/values are downsampled: "nearest-exact" (default), "nearest", "bilinear",
-    "bicubic" (interpolation) or "avg", "max" (pooling).
-    max_downsample: the levels the factor applies to, as a downsample factor (1, 2, 4, 8; tomesd's
-    and ToDo's meaning: 1 is the finest token grid with attention, 2 adds the next level, ...).
-    factor_t: downsampling factor over frames on video grids (0: by family, see frames_factor).
-    level_factors: {level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}; the
-    reference's `downsample_factor_level_2` is level_factors={1: f}.
-    start, end: the part of the run (fraction of steps) in which ToDo acts.
-    cost_model: as TokenMethod (the cost model weighs pooling's cost against what it saves)."""
+    """Keys and values of self-attention downsampled on the token grid (queries untouched). The
+    reference's argument names port (downsample_factor, downsample_method, downsample_factor_level_2,
+    which is level_factors={1: f})."""
 
-    factor: float | str = 2.0
-    mode: str = "nearest-exact"
-    max_downsample: int = 1
-    level_factors: dict = field(default_factory=dict)
-    start: float = 0.0
-    end: float = 1.0
-    factor_t: float = 0.0
+    factor: float | str = option(2.0, low=1.0, high=64.0, choices=(AUTO,),
+                                 doc='Key/value downsampling factor per side at the finest level (1 = off), or '
+                                     '"auto" (by the image size: 2 up to 1024^2 pixels, 3 up to 1536^2, 4 above; '
+                                     'in a policy, factor 0 means auto).')
+    mode: str = option("nearest-exact", choices=POOL_MODES,
+                       doc='How keys/values are downsampled: "nearest-exact", "nearest", "bilinear", "bicubic" '
+                           '(interpolation) or "avg", "max" (pooling).')
+    max_downsample: int = option(1, choices=DOWNSAMPLES,
+                                 doc="The levels the factor applies to, as a downsample factor (tomesd's and ToDo's "
+                                     "meaning: 1 is the finest token grid with attention, 2 adds the next level, "
+                                     "...).")
+    level_factors: dict = option(doc="{level: factor} for coarser levels (level 0 is the finest), e.g. {1: 1.5}.",
+                                 default_factory=dict)
+    start: float = option(0.0, low=0.0, high=1.0, doc="Where in the run (fraction of steps) ToDo starts acting.")
+    end: float = option(1.0, low=0.0, high=1.0, doc="Where in the run (fraction of steps) ToDo stops acting.")
+    factor_t: float = option(0.0, low=0.0, high=64.0, doc="Downsampling factor over frames on video grids (0: by "
+                             "family).")
 
     name = "todo"
     priority = 0
@@ -86,22 +88,13 @@ class ToDoConfig(TokenMethod):
     def validate(self) -> None:
         super().validate()
         n = type(self).__name__
-        if self.factor != AUTO:
-            if isinstance(self.factor, str):
-                raise ValueError(f"{n}.factor must be a number in [1.0, 64.0] or 'auto', got {self.factor!r}")
-            check_number(n, "factor", self.factor, 1.0, 64.0)
-        check_choice(n, "mode", self.mode, POOL_MODES)
-        check_downsample(n, "max_downsample", self.max_downsample)
         if not isinstance(self.level_factors, dict):
             raise TypeError(f"{n}.level_factors must be a dict {{level: factor}}, got {self.level_factors!r}")
         for level, f in self.level_factors.items():
             check_number(n, "level_factors key", level, 0, 8, integer=True)
             check_number(n, f"level_factors[{level}]", f, 1.0, 64.0)
-        check_number(n, "factor_t", self.factor_t, 0.0, 64.0)
         if 0 < self.factor_t < 1:
             raise ValueError(f"{n}.factor_t must be 0 (auto) or in [1, 64], got {self.factor_t!r}")
-        check_number(n, "start", self.start, 0.0, 1.0)
-        check_number(n, "end", self.end, 0.0, 1.0)
         if self.end <= self.start:
             raise ValueError(f"{n} needs start < end, got start={self.start}, end={self.end}")
 

@@ -14,32 +14,26 @@ from dataclasses import dataclass
 import torch
 
 from ..tokens import TokenReduction, bipartite_soft_matching_2d, random_destinations
-from .base import check_bool, register
+from .base import option, register
 from .cells import CellReductionConfig
 
 
 @register
 @dataclass(frozen=True)
 class ToMeConfig(CellReductionConfig):
-    """Fields as CellReductionConfig (ratio: the fraction merged away), and:
-    use_rand: a random destination per cell and step (False: the top-left token).
-    merge_attn, merge_crossattn, merge_mlp: which sub-layers are merged (self-attention by default).
+    """Fields as CellReductionConfig (ratio: the fraction merged away), and which sub-layers are merged.
     max_downsample on SD 1.x/2.x is exactly tomesd's; on SDXL, which has no attention at full latent
     resolution, it counts from the finest level with attention (tomesd's max_downsample=1 selects
     nothing there). tomesd's apply_patch arguments are these fields: its calls port unchanged."""
 
-    use_rand: bool = True
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
+    use_rand: bool = option(True, doc="A random destination per cell and step (False: the top-left token).")
+    merge_attn: bool = option(True, doc="Merge the tokens of self-attention.")
+    merge_crossattn: bool = option(False, doc="Merge the tokens of cross-attention.")
+    merge_mlp: bool = option(False, doc="Merge the tokens of the feed-forward.")
 
     name = "tome"
     mode = "mean"
     kind_flags = ("merge_attn", "merge_crossattn", "merge_mlp")
-
-    def validate(self) -> None:
-        super().validate()
-        check_bool(type(self).__name__, "use_rand", self.use_rand)
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
                         generator: torch.Generator) -> TokenReduction:
