@@ -11,12 +11,15 @@ unless --allow-downloads: the embedded reference pipelines, or a local folder of
 
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,10 @@ images: how much faster it was, how close it is (PSNR, SSIM), and what the polic
 site. The **Advanced** panel holds the whole acceleration as the JSON that `diffaccel.save_config`
 writes; **Copy as code** reproduces the run in a script. Times are wall clock on this machine: runs
 of other users at the same moment slow both."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _failure(status: str, payload: dict) -> tuple:
@@ -58,10 +65,41 @@ class App:
     def __init__(self, engine: Engine, default_model: str = "dit"):
         self.engine = engine
         self.default_model = default_model
-        self.runs: dict[str, threading.Event] = {}  # session -> the cancel flag of its run
+        # session -> its runs asked for (pending in the queue or running), each with its cancel flag
+        self.runs: dict[str, list[dict]] = {}
         self._lock = threading.Lock()
+        self.files = Path(tempfile.mkdtemp(prefix="diffaccel-demo-"))  # config downloads, one file per config
 
     # -- handlers ----------------------------------------------------------------------------
+    def _session(self, request: Any) -> str:
+        return getattr(request, "session_hash", None) or "api"
+
+    def ask(self, request: Any = None) -> None:
+        """A run is asked for (it may wait in the queue): Cancel from now on cancels it too."""
+        with self._lock:
+            self.runs.setdefault(self._session(request), []).append(
+                {"flag": threading.Event(), "taken": False, "at": time.monotonic()})
+
+    def _take(self, session: str) -> dict:
+        """The oldest run this session asked for and no run has taken (or a new one, for API calls)."""
+        with self._lock:
+            entries = self.runs.setdefault(session, [])
+            entries[:] = [e for e in entries if e["taken"] or time.monotonic() - e["at"] < 3600]  # abandoned asks
+            entry = next((e for e in entries if not e["taken"]), None)
+            if entry is None:
+                entry = {"flag": threading.Event(), "taken": False, "at": time.monotonic()}
+                entries.append(entry)
+            entry["taken"] = True
+            return entry
+
+    def _done(self, session: str, entry: dict) -> None:
+        with self._lock:
+            left = [e for e in self.runs.get(session, []) if e is not entry]
+            if left:
+                self.runs[session] = left
+            else:
+                self.runs.pop(session, None)
+
     def controls_json(self, use_json: bool, text: str, selected: list[str], *values: Any) -> tuple:
         """(the JSON shown, its message, the JSON to run): from the controls, or the edited JSON."""
         from diffaccel.config import config_dict
@@ -89,10 +127,9 @@ class App:
         """The API's one call: (status, baseline image, accelerated image, figures as text, figures as
         JSON, heatmap, code, config file). Video pipelines: `frames` (0: the pipeline's default), shown
         as a grid of frames."""
-        session = getattr(request, "session_hash", None) or "api"
-        cancel = threading.Event()
-        with self._lock:
-            self.runs[session] = cancel
+        session = self._session(request)
+        entry = self._take(session)
+        cancel = entry["flag"]
         try:
             if not config_json or config_json.startswith("Error: "):
                 raise DemoError(config_json[len("Error: "):] if config_json else "no acceleration given")
@@ -100,8 +137,10 @@ class App:
                 self.engine.load(model)
             for name, value, low, high in (("seed", seed, 0, 2**31 - 1), ("steps", steps, 1, 200),
                                            ("size", size, 64, 2048), ("frames", frames, 0, 1000)):
-                if value is None or float(value) != int(value) or not low <= int(value) <= high:
+                if not _number(value) or float(value) != int(value) or not low <= int(value) <= high:
                     raise DemoError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+            if not _number(guidance) or not 0 <= float(guidance) <= 50:
+                raise DemoError(f"guidance must be a number in [0, 50], got {guidance!r}")
             req = request_from(model, config_json, prompt=prompt or "", negative_prompt=negative or "",
                                seed=int(seed), steps=int(steps), size=int(size), guidance=float(guidance),
                                frames=int(frames))
@@ -119,26 +158,24 @@ class App:
             log.exception("run failed")
             return _failure(f"Error: the pipeline failed: {type(e).__name__}: {e}", {"error": f"{type(e).__name__}: {e}"})
         finally:
-            with self._lock:
-                if self.runs.get(session) is cancel:
-                    del self.runs[session]
+            self._done(session, entry)
         stats = result.stats()
-        folder = Path(tempfile.mkdtemp(prefix="diffaccel-demo-"))
-        path = folder / "acceleration.json"
-        path.write_text(json.dumps(result.config, indent=2) + "\n")
+        text = json.dumps(result.config, indent=2) + "\n"
+        path = self.files / hashlib.sha256(text.encode()).hexdigest()[:16] / "acceleration.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
         video = " (frames)" if len(result.baseline) > 1 else ""
         status = f"Done: {', '.join(stats['methods'])} on {self.engine.model(model).label}{video}"
         return (status, to_uint8(tile(result.baseline)), to_uint8(tile(result.accelerated)), _stats_markdown(stats),
                 stats, result.heatmap, result.code, str(path))
 
     def cancel(self, request: Any = None) -> str:
-        session = getattr(request, "session_hash", None) or "api"
+        """Cancel this session's runs: a running one stops at its next step, a queued one as it starts."""
         with self._lock:
-            flag = self.runs.get(session)
-        if flag is None:
-            return "nothing is running"
-        flag.set()
-        return "cancelling…"
+            entries = list(self.runs.get(self._session(request), []))
+        for e in entries:
+            e["flag"].set()
+        return "cancelling…" if entries else "nothing is running"
 
     def load(self, spec: str) -> tuple:
         import gradio as gr
@@ -173,7 +210,8 @@ class App:
         from .controls import build_method_controls
 
         model = self.engine.load(self.default_model)
-        with gr.Blocks(title="diffaccel demo") as page:
+        # images the page served are deleted after an hour, checked hourly: a long-running demo stays bounded
+        with gr.Blocks(title="diffaccel demo", delete_cache=(3600, 3600)) as page:
             gr.Markdown(INTRO)
             with gr.Row():
                 with gr.Column(scale=2, min_width=360):
@@ -245,6 +283,10 @@ class App:
                 return self.run(model, config_json, prompt, negative, seed, steps, size, guidance, frames, request,
                                 progress)
 
+            def ask(request: gr.Request):
+                self.ask(request)
+
+            run_btn.click(ask, None, None, api_visibility="private", queue=False)  # Cancel reaches it in the queue
             run_btn.click(self.controls_json, control_inputs, [config_code, config_msg, config_state],
                           api_visibility="private", queue=False).then(
                 run, [model_dd, config_state, prompt, negative, seed, steps, size, guidance, frames],
@@ -275,7 +317,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "loaded pipeline (default 2)")
     p.add_argument("--baseline-cache", type=int, default=16, help="baselines kept for reuse (default 16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--allow-downloads", action="store_true", help="let a hub id download weights (off by default)")
+    p.add_argument("--allow-downloads", action="store_true", help="let a hub id download weights (off by default: "
+                   "hub ids load from the local cache only)")
+    p.add_argument("--max-models", type=int, default=4, help="pipelines held at once, the reference ones included "
+                   "(default 4). The Load box reads this machine's folders: share the page (--share-host) only with "
+                   "people you would let do that")
     return p.parse_args(argv)
 
 
@@ -293,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = Engine(workers=args.workers, baseline_cache=args.baseline_cache, device=device)
+    engine = Engine(workers=args.workers, baseline_cache=args.baseline_cache, device=device,
+                    allow_downloads=args.allow_downloads, max_models=args.max_models)
     try:
         page = App(engine, args.model).build()
     except DemoError as e:

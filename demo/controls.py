@@ -80,7 +80,7 @@ def component_for(gr: Any, opt: Option, method: str) -> Any:
     if opt.kind in ("float", "int"):
         span = (opt.high - opt.low) if opt.low is not None and opt.high is not None else math.inf
         if span <= SLIDER_SPAN:
-            step = 1 if opt.kind == "int" else (0.05 if span <= 2 else 0.5)
+            step = 1 if opt.kind == "int" else 0.01  # fine enough for every default and paper setting
             return gr.Slider(minimum=opt.low, maximum=opt.high, step=step, value=opt.default, **common)
         return gr.Number(value=opt.default, precision=0 if opt.kind == "int" else None, **common)
     return gr.Textbox(value=opt.default if isinstance(opt.default, str) else json.dumps(opt.default), **common)

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from diffaccel.config import config_code, config_dict, configs_from_dict
 from diffaccel.methods.base import MethodConfig
 from diffaccel.pipelines import DENOISER_ATTRS, UnsupportedModelError, adapter_for
 
+log = logging.getLogger("diffaccel.demo")
 REFERENCE = {"dit": "reference DiT (PixArt-style, trained here)", "unet": "reference U-Net (SD-style, trained here)"}
 
 
@@ -53,6 +55,8 @@ class Model:
     guidance: float
     video: bool
     families: list[str]
+    pristine: Any = None  # a copy never accelerated, to replace a replica that could not be cleaned
+    clean_caption: bool = False  # whether its call takes clean_caption (the demo passes False)
 
 
 @dataclass
@@ -129,9 +133,10 @@ def _denoisers(pipe: Any) -> list[torch.nn.Module]:
     return [m for a in DENOISER_ATTRS if isinstance(m := getattr(pipe, a, None), torch.nn.Module)]
 
 
-def load_pipeline(spec: str, device: str = "cpu") -> tuple[Any, str, str]:
-    """(pipeline, label, the code that loads it) for "dit", "unet", a local folder or a hub id. Weights
-    load as safetensors only, and never with remote code; an unsupported model raises DemoError."""
+def load_pipeline(spec: str, device: str = "cpu", allow_downloads: bool = False) -> tuple[Any, str, str]:
+    """(pipeline, label, the code that loads it) for "dit", "unet", a local folder or a hub id (from the
+    local cache unless `allow_downloads`). Weights load as safetensors only, and never with remote
+    code; an unsupported model raises DemoError."""
     spec = (spec or "").strip()
     if not spec:
         raise DemoError("give a pipeline: 'dit', 'unet', a local folder or a hub id")
@@ -151,7 +156,8 @@ def load_pipeline(spec: str, device: str = "cpu") -> tuple[Any, str, str]:
             raise DemoError(f"{spec} is not a diffusers pipeline folder (no model_index.json)")
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else spec, use_safetensors=True,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False,
+                                                     local_files_only=looks_local or not allow_downloads)
         except Exception as e:  # the loader's own message names what is missing
             raise DemoError(f"could not load {spec}: {type(e).__name__}: {e}") from None
         label = f"{type(pipe).__name__} from {spec}"
@@ -187,9 +193,13 @@ def _defaults(pipe: Any, spec: str) -> tuple[int, int, float]:
 class Engine:
     """Loaded pipelines, their replicas, and the bounded cache of baseline outputs."""
 
-    def __init__(self, workers: int = 2, baseline_cache: int = 16, device: str = "cpu"):
+    def __init__(self, workers: int = 2, baseline_cache: int = 16, device: str = "cpu", allow_downloads: bool = False,
+                 max_models: int = 4, baseline_bytes: int = 2 << 30):
         self.workers = max(1, int(workers))
         self.device = device
+        self.allow_downloads = allow_downloads
+        self.max_models = max_models
+        self.baseline_bytes = baseline_bytes
         self.models: dict[str, Model] = {}
         self._lock = threading.Lock()
         self._loading = threading.Lock()
@@ -204,14 +214,19 @@ class Engine:
         with self._loading:
             if spec in self.models:
                 return self.models[spec]
-            pipe, label, code = load_pipeline(spec, self.device)
+            if len(self.models) >= self.max_models:
+                raise DemoError(f"{len(self.models)} pipelines are loaded, the most this demo holds "
+                                f"(--max-models): {sorted(self.models)}")
+            pipe, label, code = load_pipeline(spec, self.device, self.allow_downloads)
             families = [adapter_for(d).variant() for d in _denoisers(pipe)]
             replicas: queue.Queue = queue.Queue()
             for i in range(self.workers):
                 replicas.put(pipe if i == 0 else copy.deepcopy(pipe))
+            pristine = copy.deepcopy(pipe)
             size, steps, guidance = _defaults(pipe, spec)
             video = "num_frames" in inspect.signature(pipe.__call__).parameters
-            model = Model(spec, label, code, replicas, size, steps, guidance, video, families)
+            model = Model(spec, label, code, replicas, size, steps, guidance, video, families, pristine,
+                          "clean_caption" in inspect.signature(pipe.__call__).parameters)
             warm = Request(spec, [], steps=2, size=min(size, 128), guidance=guidance, frames=1 if video else 0)
             for replica in list(replicas.queue):  # one-off costs stay out of the first timed run
                 try:
@@ -240,7 +255,8 @@ class Engine:
         with self._lock:
             self._baselines[key] = value
             self._baselines.move_to_end(key)
-            while len(self._baselines) > self.baseline_cache:
+            while len(self._baselines) > self.baseline_cache or (
+                    len(self._baselines) > 1 and sum(v[0].nbytes for v in self._baselines.values()) > self.baseline_bytes):
                 self._baselines.popitem(last=False)
 
     def cached_baselines(self) -> int:
@@ -269,6 +285,8 @@ class Engine:
                 return kwargs
             return callback
 
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled before it started")
         pipe = self._checkout(model, cancel)
         mine = {"peak": 0}
         with self._lock:
@@ -288,11 +306,16 @@ class Engine:
             out, t_acc = self._generate(pipe, req, on_step("accelerated"))
             description = describe(pipe)
         finally:
-            if _accelerated(pipe):
-                remove_acceleration(pipe)
-            model.replicas.put(pipe)
-            with self._lock:
-                self._active.remove(mine)
+            try:
+                if _accelerated(pipe):
+                    remove_acceleration(pipe)
+            except Exception:  # a copy that cannot be cleaned is replaced by a fresh one
+                log.exception("removing the acceleration failed; the pipeline copy is replaced")
+                pipe = copy.deepcopy(model.pristine)
+            finally:
+                model.replicas.put(pipe)
+                with self._lock:
+                    self._active = [r for r in self._active if r is not mine]
         psnr, ssim = fidelity(base, out)
         code = run_code(model, req)
         result = Result(base, out, t_base, t_acc, cached is not None, psnr, ssim, dict(description), config, code,
@@ -369,6 +392,8 @@ def run_code(model: Model, req: Request) -> str:
         call.insert(1, f"negative_prompt={req.negative_prompt!r}")
     if req.frames and model.video:
         call.insert(2, f"num_frames={req.frames}")
+    if model.clean_caption:
+        call.append("clean_caption=False")  # as the demo runs it (the prompt as typed)
     return (f"import torch\n{head}{imports}\n\n{model.source}\n"
             f"pipe = accelerate_pipeline(pipe, {expr})\n"
             "# or, with the downloaded file (from diffaccel import load_config):\n"
@@ -406,9 +431,8 @@ def draw_heatmap(rows: list[str], computed: np.ndarray, kv: np.ndarray, descript
     """A PIL image: steps across, sites down, colour = fraction of tokens computed; a second panel for
     the keys/values kept where a method pooled them."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from PIL import Image
 
     total = sum(len(d["sites"]) for d in description["denoisers"])
@@ -419,7 +443,9 @@ def draw_heatmap(rows: list[str], computed: np.ndarray, kv: np.ndarray, descript
     if pooled:
         panels.append((kv, "fraction of keys/values kept\n(1 = all, 0.25 = pooled 2x2)"))
     height = min(9.0, 1.6 + 0.16 * max(len(rows), 4))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.5, height), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels) + 1.5, height))  # no pyplot: requests draw in threads of their own
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     for ax, (data, label) in zip(axes[0], panels):
         if not rows:
@@ -440,7 +466,6 @@ def draw_heatmap(rows: list[str], computed: np.ndarray, kv: np.ndarray, descript
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 

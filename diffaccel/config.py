@@ -111,6 +111,9 @@ def config_code(methods: Any, **overrides: Any) -> str:
         for kwargs in (*candidates, data):
             if cls(**kwargs) == c:
                 break
+        else:
+            raise ValueError(f"{c!r} cannot be written as a call of {cls.__name__}: no keyword call gives an equal "
+                             "config")
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         imports.append(f"from {cls.__module__} import {cls.__name__}")
         exprs.append(f"{cls.__name__}({args})")

@@ -238,3 +238,14 @@ def test_config_code_is_the_shortest_exact_expression():
     assert config_code(diffaccel.ToMeConfig(ratio=0.6)).endswith("ToMeConfig(ratio=0.6)")
     assert config_code(diffaccel.ToMeConfig.from_dict({**diffaccel.ToMeConfig(ratio=0.6).to_dict(),
                                                          "cost_model": None})).endswith("cost_model=None)")
+
+
+def test_numeric_choices_take_any_number_of_that_value_but_not_a_bool():
+    import numpy as np
+
+    assert diffaccel.ToMeConfig(max_downsample=np.int64(2)).max_downsample == 2
+    assert diffaccel.ToMeConfig(max_downsample=2.0).max_downsample == 2
+    with pytest.raises(ValueError, match=r"ToMeConfig.max_downsample must be one of \[1, 2, 4, 8\], got True"):
+        diffaccel.ToMeConfig(max_downsample=True)
+    with pytest.raises(TypeError, match="ToMeConfig.cost_model must be True or False, got 1"):
+        diffaccel.ToMeConfig(cost_model=1)

@@ -174,7 +174,8 @@ def test_copy_as_code_reproduces_the_run(engine):
                   prompt="a small green triangle at the top right", negative_prompt="blue", seed=5, guidance=3.0)
     result = engine.run(req)
     scope: dict = {}
-    exec(result.code.replace("out = pipe(", "out = pipe(output_type='np', clean_caption=False, "), scope)
+    assert "clean_caption=False" in result.code  # PixArt's prompt cleaning off, as the demo runs it
+    exec(result.code.replace("out = pipe(", "out = pipe(output_type='np', "), scope)
     np.testing.assert_array_equal(np.asarray(scope["out"].images, dtype=np.float32), result.accelerated)
 
 
@@ -209,6 +210,30 @@ def test_cancel_stops_the_run_and_the_next_run_is_correct(engine):
     fresh = Engine(workers=1)
     fresh.load("dit")
     assert digest(engine.run(req).accelerated) == digest(fresh.run(req).accelerated)
+    cancel.set()  # cancelled while it waited in the queue: it does not start
+    with pytest.raises(Cancelled, match="cancelled before it started"):
+        engine.run(req, None, cancel)
+
+
+def test_cancel_reaches_queued_runs_of_the_session(engine):
+    app = App(engine, "dit")
+    assert app.cancel(None) == "nothing is running"
+    app.ask(None)  # the page's Run: asked, waiting in the queue
+    assert app.cancel(None) == "cancelling…"
+    status, *_ = app.run("dit", json.dumps(diffaccel.config.config_dict("fora")), "p", "", 0, 2, 256, 4.5)
+    assert status.startswith("Cancelled (cancelled before it started)")
+    assert app.runs == {} and app.cancel(None) == "nothing is running"
+    assert app.run("dit", json.dumps(diffaccel.config.config_dict("fora")), "p", "", 0, 2, 256, 4.5)[0].startswith("Done")
+
+
+def test_what_the_demo_holds_is_bounded(engine, tmp_path):
+    small = Engine(workers=1, baseline_cache=8, baseline_bytes=3 * 256 * 256 * 3 * 4, max_models=1)
+    small.load("dit")
+    with pytest.raises(DemoError, match=r"1 pipelines are loaded, the most this demo holds \(--max-models\)"):
+        small.load("unet")
+    for seed in range(5):
+        small.run(Request("dit", [ToCaConfig()], steps=2, seed=seed))
+    assert small.cached_baselines() == 3  # bytes bound: three 256x256 float images
 
 
 def test_bad_input_is_a_message_and_changes_nothing(engine, tmp_path):
@@ -267,6 +292,10 @@ def test_app_handlers_report_errors_in_the_page(engine):
     assert app.run("dit", to_run, "p", "", 0, 2, 256, 4.5)[0] == message
     status, *_ = app.run("dit", json.dumps(diffaccel.config.config_dict("fora")), "p", "", 0, 0, 256, 4.5)
     assert status == "Error: steps must be a whole number in [1, 200], got 0"
+    status, *_ = app.run("dit", json.dumps(diffaccel.config.config_dict("fora")), "p", "", float("nan"), 2, 256, 4.5)
+    assert status == "Error: seed must be a whole number in [0, 2147483647], got nan"
+    status, *_ = app.run("dit", json.dumps(diffaccel.config.config_dict("fora")), "p", "", 0, 2, 256, None)
+    assert status == "Error: guidance must be a number in [0, 50], got None"
     assert app.cancel(None) == "nothing is running"
     text, message, to_run = app.controls_json(True, "[]", [])
     assert message.startswith("Error: an acceleration config is a JSON object") and to_run == "[]"

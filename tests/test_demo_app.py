@@ -47,7 +47,8 @@ def server(tmp_path_factory):
     port = _free_port()
     log = (tmp_path_factory.mktemp("demo") / "server.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--port", str(port), "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--port", str(port), "--workers", "2",
+                             "--device", "cpu"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -77,8 +78,9 @@ def _config(*methods, **overrides) -> str:
     return json.dumps(config_dict(list(methods), **overrides))
 
 
-def _run(client: Client, config: str, seed: int = 0, steps: int = STEPS, prompt: str = PROMPT) -> tuple:
-    return client.predict("dit", config, prompt, "", seed, steps, 256, 4.5, 0, api_name="/run")
+def _run(client: Client, config: str, seed: int = 0, steps: int = STEPS, prompt: str = PROMPT,
+         model: str = "dit") -> tuple:
+    return client.predict(model, config, prompt, "", seed, steps, 256, 4.5, 0, api_name="/run")
 
 
 def _pixels(path: str) -> np.ndarray:
@@ -141,6 +143,10 @@ def test_bad_input_is_a_message_and_the_app_stays_usable(server):
     assert message.startswith("Error: no such folder") and "unchanged" in message
     assert model == {"__type__": "update"}  # the pipeline choice is left as it is
     assert _run(client, _config("fora"), steps=3)[0].startswith("Done: fora")
+    # the other embedded pipeline, loaded on first use
+    status, *_, stats, _, code, _ = _run(client, _config("tome", ratio=0.5), steps=3, model="unet")
+    assert status == "Done: tome on reference U-Net (SD-style, trained here)" and not stats["identical"]
+    assert "load_reference_pipeline('unet')" in code
 
 
 def test_a_run_can_be_cancelled_and_the_next_one_is_correct(server):

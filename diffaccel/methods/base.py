@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -103,8 +104,18 @@ def check_number(cls_name: str, field: str, value: Any, low: float, high: float,
         raise ValueError(f"{cls_name}.{field} must be in {bracket}{low}, {high}], got {value!r}")
 
 
+def _is_choice(value: Any, choice: Any) -> bool:
+    """value is choice: equal and of the same kind (True is not 1; 2.0 and numpy's 2 are 2)."""
+    if value is choice:
+        return True
+    number = numbers.Real
+    if isinstance(value, bool) or isinstance(choice, bool) or not (isinstance(value, number) and isinstance(choice, number)):
+        return type(value) is type(choice) and value == choice
+    return value == choice
+
+
 def check_choice(cls_name: str, field: str, value: Any, allowed: tuple) -> None:
-    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+    if not any(_is_choice(value, a) for a in allowed):
         raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
@@ -190,7 +201,7 @@ def _check_option(cls_name: str, f: dataclasses.Field, value: Any, bounds: tuple
     low, high = bounds or (meta["low"], meta["high"])
     choices = meta["choices"]
     numeric = low is not None or high is not None
-    if choices and any(value is c or (type(value) is type(c) and value == c) for c in choices):
+    if choices and any(_is_choice(value, c) for c in choices):
         return
     if numeric:
         if choices and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
