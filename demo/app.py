@@ -74,11 +74,14 @@ class App:
     def _session(self, request: Any) -> str:
         return getattr(request, "session_hash", None) or "api"
 
+    @staticmethod
+    def _entry() -> dict:
+        return {"flag": threading.Event(), "taken": False, "at": time.monotonic()}
+
     def ask(self, request: Any = None) -> None:
         """A run is asked for (it may wait in the queue): Cancel from now on cancels it too."""
         with self._lock:
-            self.runs.setdefault(self._session(request), []).append(
-                {"flag": threading.Event(), "taken": False, "at": time.monotonic()})
+            self.runs.setdefault(self._session(request), []).append(self._entry())
 
     def _take(self, session: str) -> dict:
         """The oldest run this session asked for and no run has taken (or a new one, for API calls)."""
@@ -87,7 +90,7 @@ class App:
             entries[:] = [e for e in entries if e["taken"] or time.monotonic() - e["at"] < 3600]  # abandoned asks
             entry = next((e for e in entries if not e["taken"]), None)
             if entry is None:
-                entry = {"flag": threading.Event(), "taken": False, "at": time.monotonic()}
+                entry = self._entry()
                 entries.append(entry)
             entry["taken"] = True
             return entry
@@ -133,7 +136,7 @@ class App:
         try:
             if not config_json or config_json.startswith("Error: "):
                 raise DemoError(config_json[len("Error: "):] if config_json else "no acceleration given")
-            if model in REFERENCE and model not in self.engine.models:
+            if model in REFERENCE:  # loaded on first use (a loaded one is returned as it is)
                 self.engine.load(model)
             for name, value, low, high in (("seed", seed, 0, 2**31 - 1), ("steps", steps, 1, 200),
                                            ("size", size, 64, 2048), ("frames", frames, 0, 1000)):
@@ -188,7 +191,7 @@ class App:
             return (gr.update(), f"Error: could not load {spec}: {type(e).__name__}: {e} (the pipeline in use is "
                     "unchanged)", *[gr.update()] * 4)
         choices = list(dict.fromkeys([*REFERENCE, *self.engine.models]))
-        return (gr.update(choices=choices, value=model.key), f"Loaded {model.label} ({', '.join(model.families)})",
+        return (gr.update(choices=choices, value=model.key), f"Loaded {model.title}",
                 model.size, model.steps, model.guidance, gr.update(visible=model.video))
 
     def select_model(self, key: str) -> tuple:
@@ -198,7 +201,7 @@ class App:
             model = self.engine.load(key)
         except DemoError as e:
             return f"Error: {e}", *[gr.update()] * 4
-        return (f"{model.label} ({', '.join(model.families)})", model.size, model.steps, model.guidance,
+        return (model.title, model.size, model.steps, model.guidance,
                 gr.update(visible=model.video))
 
     # -- the page ----------------------------------------------------------------------------
@@ -218,7 +221,7 @@ class App:
                     model_dd = gr.Dropdown(choices=list(dict.fromkeys([*REFERENCE, *self.engine.models])),
                                            value=model.key, label="Pipeline", elem_id="model",
                                            info="the embedded reference models, or one you loaded below")
-                    model_msg = gr.Markdown(f"{model.label} ({', '.join(model.families)})", elem_id="model-msg")
+                    model_msg = gr.Markdown(model.title, elem_id="model-msg")
                     with gr.Row():
                         path = gr.Textbox(label="Load a local folder or hub id", scale=3, elem_id="load-path",
                                           placeholder="/path/to/pipeline (safetensors weights)")

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffaccel import accelerate_pipeline, describe, remove_acceleration
+from diffaccel import accelerate_pipeline, describe, is_accelerated, remove_acceleration
+from diffaccel.api import _denoisers as denoisers_of
 from diffaccel.config import config_code, config_dict, configs_from_dict
 from diffaccel.methods.base import MethodConfig
-from diffaccel.pipelines import DENOISER_ATTRS, UnsupportedModelError, adapter_for
+from diffaccel.pipelines import UnsupportedModelError, adapter_for
 
 log = logging.getLogger("diffaccel.demo")
 REFERENCE = {"dit": "reference DiT (PixArt-style, trained here)", "unet": "reference U-Net (SD-style, trained here)"}
@@ -57,6 +58,12 @@ class Model:
     families: list[str]
     pristine: Any = None  # a copy never accelerated, to replace a replica that could not be cleaned
     clean_caption: bool = False  # whether its call takes clean_caption (the demo passes False)
+
+
+    @property
+    def title(self) -> str:
+        """What the page says of the pipeline: its label and families."""
+        return f"{self.label} ({', '.join(self.families)})"
 
 
 @dataclass
@@ -129,14 +136,10 @@ def fidelity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _denoisers(pipe: Any) -> list[torch.nn.Module]:
-    return [m for a in DENOISER_ATTRS if isinstance(m := getattr(pipe, a, None), torch.nn.Module)]
-
-
-def load_pipeline(spec: str, device: str = "cpu", allow_downloads: bool = False) -> tuple[Any, str, str]:
-    """(pipeline, label, the code that loads it) for "dit", "unet", a local folder or a hub id (from the
-    local cache unless `allow_downloads`). Weights load as safetensors only, and never with remote
-    code; an unsupported model raises DemoError."""
+def load_pipeline(spec: str, device: str = "cpu", allow_downloads: bool = False) -> tuple[Any, str, str, list[str]]:
+    """(pipeline, label, the code that loads it, its denoisers' families) for "dit", "unet", a local
+    folder or a hub id (from the local cache unless `allow_downloads`). Weights load as safetensors
+    only, and never with remote code; an unsupported model raises DemoError."""
     spec = (spec or "").strip()
     if not spec:
         raise DemoError("give a pipeline: 'dit', 'unet', a local folder or a hub id")
@@ -162,26 +165,22 @@ def load_pipeline(spec: str, device: str = "cpu", allow_downloads: bool = False)
             raise DemoError(f"could not load {spec}: {type(e).__name__}: {e}") from None
         label = f"{type(pipe).__name__} from {spec}"
         code = f"pipe = DiffusionPipeline.from_pretrained({str(path) if looks_local else spec!r}, use_safetensors=True)"
-    denoisers = _denoisers(pipe)
-    if not denoisers:
-        raise DemoError(f"{type(pipe).__name__} has no denoiser diffaccel can accelerate ({', '.join(DENOISER_ATTRS)})")
     try:
-        for d in denoisers:
-            adapter_for(d)
+        families = [adapter_for(d).variant() for _, d in denoisers_of(pipe)[0]]
     except UnsupportedModelError as e:
         raise DemoError(str(e)) from None
     if device != "cpu":
         pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    return pipe, label, code
+    return pipe, label, code, families
 
 
 def _defaults(pipe: Any, spec: str) -> tuple[int, int, float]:
     if spec in REFERENCE:
         return 256, 20, 4.5
     scale = getattr(pipe, "vae_scale_factor", 8) or 8
-    den = _denoisers(pipe)[0]
+    den = denoisers_of(pipe)[0][0][1]
     sample = getattr(den.config, "sample_size", None)
     size = int(sample * scale) if isinstance(sample, int) else 512
     return max(64, min(size, 1024)), 20, 5.0
@@ -217,16 +216,16 @@ class Engine:
             if len(self.models) >= self.max_models:
                 raise DemoError(f"{len(self.models)} pipelines are loaded, the most this demo holds "
                                 f"(--max-models): {sorted(self.models)}")
-            pipe, label, code = load_pipeline(spec, self.device, self.allow_downloads)
-            families = [adapter_for(d).variant() for d in _denoisers(pipe)]
+            pipe, label, code, families = load_pipeline(spec, self.device, self.allow_downloads)
             replicas: queue.Queue = queue.Queue()
             for i in range(self.workers):
                 replicas.put(pipe if i == 0 else copy.deepcopy(pipe))
             pristine = copy.deepcopy(pipe)
             size, steps, guidance = _defaults(pipe, spec)
-            video = "num_frames" in inspect.signature(pipe.__call__).parameters
+            params = inspect.signature(pipe.__call__).parameters
+            video = "num_frames" in params
             model = Model(spec, label, code, replicas, size, steps, guidance, video, families, pristine,
-                          "clean_caption" in inspect.signature(pipe.__call__).parameters)
+                          "clean_caption" in params)
             warm = Request(spec, [], steps=2, size=min(size, 128), guidance=guidance, frames=1 if video else 0)
             for replica in list(replicas.queue):  # one-off costs stay out of the first timed run
                 try:
@@ -307,7 +306,7 @@ class Engine:
             description = describe(pipe)
         finally:
             try:
-                if _accelerated(pipe):
+                if is_accelerated(pipe):
                     remove_acceleration(pipe)
             except Exception:  # a copy that cannot be cleaned is replaced by a fresh one
                 log.exception("removing the acceleration failed; the pipeline copy is replaced")
@@ -359,12 +358,6 @@ class Engine:
         if images.ndim == 5:  # videos: (batch, frames, H, W, 3) -> the frames
             images = images.reshape(-1, *images.shape[2:])
         return images, seconds
-
-
-def _accelerated(pipe: Any) -> bool:
-    from diffaccel import is_accelerated
-
-    return is_accelerated(pipe)
 
 
 def request_from(model: str, config_json: str | dict, **kw: Any) -> Request:

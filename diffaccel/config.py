@@ -15,13 +15,14 @@ gives configs equal to those saved, and the same outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .api import resolve_methods
-from .methods.base import MethodConfig
+from .methods.base import MethodConfig, _default
 
 FORMAT = "diffaccel.acceleration"
 VERSION = 1
@@ -94,16 +95,13 @@ def config_code(methods: Any, **overrides: Any) -> str:
         from diffaccel.methods.toca import ToCaConfig
         [ToDoConfig(), ToCaConfig(interval=4)]
     """
-    import dataclasses
-
     configs = resolve_methods(methods, overrides)
     imports, exprs = [], []
     for c in configs:
         cls = type(c)
         data = c.to_dict()
         data.pop("method")
-        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                    for f in dataclasses.fields(cls)}
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
         changed = {k: v for k, v in data.items() if k == "policy" or v != defaults.get(k)}
         # the cost model setting follows from a given strength (see `register`): spelled out only if needed
         bare = {k: v for k, v in changed.items() if k != "cost_model"}

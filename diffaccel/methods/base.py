@@ -172,7 +172,10 @@ class Option:
         return d
 
 
-_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+def _annotation(f: dataclasses.Field) -> str:
+    """A field's type as written, without spaces ("bool", "bool|None", "float|str", ...)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return text.replace(" ", "").replace("Optional[bool]", "bool|None")
 
 
 def _option_of(cls: type, f: dataclasses.Field) -> Option:
@@ -180,16 +183,14 @@ def _option_of(cls: type, f: dataclasses.Field) -> Option:
     doc = meta.get("doc", "")
     low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
     kind = "json"
-    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if annotation.replace(" ", "") in ("bool|None", "Optional[bool]"):
+    annotation = _annotation(f)
+    if annotation == "bool|None":
         kind, choices = "choice", (None, True, False)
     elif low is not None or high is not None:
         kind = "number_or_choice" if choices else ("int" if meta.get("integer") else "float")
     elif choices:
         kind = "choice"
-    elif _SCALARS.get(annotation) is bool:
-        kind = "bool"
-    elif _SCALARS.get(annotation) in (int, float):
+    elif annotation in ("bool", "int", "float"):
         kind = annotation
     return Option(f.name, kind, _default(f), doc, low, high, choices, f.name in cls.params)
 
@@ -289,10 +290,8 @@ class MethodConfig:
             if f.name == "policy":
                 continue
             value = getattr(self, f.name)
-            annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            if annotation == "bool":
-                check_bool(n, f.name, value)
-            elif annotation.replace(" ", "") == "bool|None" and value is not None:
+            annotation = _annotation(f)
+            if annotation == "bool" or (annotation == "bool|None" and value is not None):
                 check_bool(n, f.name, value)
             _check_option(n, f, value, self.bounds(f.name))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -101,6 +102,7 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
 
 
+@functools.cache
 def bf16_native() -> bool:
     """Whether this CPU computes bf16 in hardware (oneDNN's check); where it does not, bf16 autocast is
     emulated: the VAE encoding 16 scenes took 43 s under it on an AVX2 machine and 1.4 s in float32."""
