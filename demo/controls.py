@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from diffaccel import available_methods
-from diffaccel.methods.base import MethodConfig, Option, method_class
+from diffaccel.methods.base import MethodConfig, Option, method_class, method_summary
 
 from .engine import DemoError
 
 SLIDER_SPAN = 100  # a bounded number gets a slider when its range is at most this wide; else a number box
-
-
-def summary(name: str) -> str:
-    """The first sentence of the method's module docstring (what the method does)."""
-    cls = method_class(name)
-    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or name).strip()
-    first = doc.split("\n\n")[0].replace("\n", " ")
-    return first.split(". ")[0].rstrip(".") + "."
 
 
 def _label(value: Any) -> str:
@@ -94,7 +85,7 @@ def build_method_controls(gr: Any, selected: list[str]) -> tuple[dict[str, Any],
     for name in available_methods():
         options = method_class(name).options()
         with gr.Group(visible=name in selected, elem_id=f"method-{name}") as group:
-            gr.Markdown(f"**{name}** · {summary(name)}")
+            gr.Markdown(f"**{name}** · {method_summary(name)}")
             for opt in (o for o in options if o.main):
                 controls.append(Control(name, opt, component_for(gr, opt, name)))
             rest = [o for o in options if not o.main]

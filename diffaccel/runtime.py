@@ -376,7 +376,11 @@ class Tracker:
 
     def pre_hook(self, module, args, kwargs):
         clock = self.clock
-        if clock.driven:
+        host_step = self.adapter.host_step(args, kwargs)
+        if host_step is not None:  # the program running the denoiser says which step this is
+            if host_step != clock.step:
+                clock.step, clock.calls_in_step = host_step, 0
+        elif clock.driven:
             if not clock.loops:  # not inside a loop the clock knows: which pipeline is calling?
                 clock.locate(self.model)
         else:
@@ -386,19 +390,25 @@ class Tracker:
             clock.new_run(_count(getattr(getattr(pipe, "scheduler", None), "timesteps", None)))
         geometry, batch = self.adapter.geometry(args, kwargs)
         key = (clock.run, batch)
-        if key != self._cfg_run:  # guidance cannot change inside a run: decide once
-            if self.cfg_override is not None:
-                batched = self.cfg_override and batch % 2 == 0
-            else:
-                batched = self.adapter.is_cfg_batched(pipe, args, kwargs, batch)
-            self._cfg_run, self._cfg_batched = key, batched
-        if self._cfg_batched:
-            branch = "cond_uncond"
-        elif self.adapter.cfg_layout == "separate" and clock.driven and clock.calls_in_step % 2 == 1:
-            # (a bare denoiser has no step boundaries: each of its calls is a step of the one branch)
-            branch = "uncond"
+        cond_half = self.adapter.cond_half
+        host = self.adapter.host_branch(args, kwargs, batch)
+        if host is not None:  # the call says it (a host that batches branches as it sees fit)
+            branch, self._cfg_batched, cond_half = host
+            self._cfg_run = None
         else:
-            branch = "cond"
+            if key != self._cfg_run:  # guidance cannot change inside a run: decide once
+                if self.cfg_override is not None:
+                    batched = self.cfg_override and batch % 2 == 0
+                else:
+                    batched = self.adapter.is_cfg_batched(pipe, args, kwargs, batch)
+                self._cfg_run, self._cfg_batched = key, batched
+            if self._cfg_batched:
+                branch = "cond_uncond"
+            elif self.adapter.cfg_layout == "separate" and clock.driven and clock.calls_in_step % 2 == 1:
+                # (a bare denoiser has no step boundaries: each of its calls is a step of the one branch)
+                branch = "uncond"
+            else:
+                branch = "cond"
         if self._log_run != clock.run:
             self.log, self.notes, self._log_run = {}, {}, clock.run
             self.acted, self.idle = set(), {}
@@ -408,7 +418,7 @@ class Tracker:
         self.block_inputs.clear()  # an interrupted call may have left some behind
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
-                           self.adapter.cond_half, batch, geometry, self.log.setdefault(step, {}),
+                           cond_half, batch, geometry, self.log.setdefault(step, {}),
                            self.block_inputs, state=self.state, notes=self.notes, warned=self.warned)
         clock.calls_in_step += 1
         return None
@@ -433,9 +443,18 @@ def _entry_bytes(entry: CacheEntry) -> int:
     return _nbytes(entry.output) + _nbytes(list(entry.extra.values()))
 
 
-def _hidden_states(args: tuple, kwargs: dict) -> Any:
-    """A block's hidden-state input, passed by position or by keyword."""
-    return args[0] if args else kwargs.get("hidden_states")
+def _copy(output: Any) -> Any:
+    """A block output (a tensor, or a tuple of them) with its tensors copied."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_copy(o) for o in output)
+    return output
+
+
+def _hidden_states(args: tuple, kwargs: dict, name: str = "hidden_states") -> Any:
+    """A block's hidden-state input, passed by position or by keyword (`name`: as the family calls it)."""
+    return args[0] if args else kwargs.get(name)
 
 
 # -- hooks ------------------------------------------------------------------------------------------
@@ -670,7 +689,7 @@ class BlockHook(Hook):
         ctx = self.tracker.ctx
         if ctx is None:
             return None
-        hidden = _hidden_states(args, kwargs)
+        hidden = _hidden_states(args, kwargs, self.tracker.adapter.block_input)
         if self.records_input:
             self.tracker.block_inputs[self.name] = hidden
         store = self._reuse_plan(ctx, hidden) if self.site_hooks else None
@@ -682,7 +701,8 @@ class BlockHook(Hook):
             self.tracker.block_inputs.pop(self.name, None)
             if store is not None:
                 key, signature = store
-                self.tracker.store(key, CacheEntry(output, ctx.step, signature))
+                kept = _copy(output) if self.tracker.adapter.inplace_blocks else output
+                self.tracker.store(key, CacheEntry(kept, ctx.step, signature))
             return output
 
         return Prepared(args, kwargs, finish=finish)
@@ -711,4 +731,5 @@ class BlockHook(Hook):
             entries.append(entry)
         for hook, entry in zip(self.site_hooks, entries):
             ctx.log[hook.site.name] = CallRecord(entry.signature[2][1], 0, 0)
-        return Prepared((), {}, skip=True, output=stored.output)
+        out = _copy(stored.output) if self.tracker.adapter.inplace_blocks else stored.output
+        return Prepared((), {}, skip=True, output=out)

@@ -43,6 +43,11 @@ class Site:
     # The argument carrying rotary position embeddings (cos, sin) of the tokens, as (keyword, position
     # in the forward call): token methods gather them with the tokens they keep.
     rope: tuple[str, int] | None = None  # position -1: keyword only
+    # The keyword through which the site's attention takes keys and values apart from its queries
+    # (diffusers: encoder_hidden_states; ComfyUI: context), and whether it does so plainly (None: as
+    # its diffusers processor decides, at each call)
+    kv_arg: str = "encoder_hidden_states"
+    plain_kv: bool | None = None
 
     def grid(self, geometry: Geometry | None) -> tuple[int, int, int] | None:
         """(frames, height, width) of this site's image tokens for the current call, or None."""

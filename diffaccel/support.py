@@ -17,16 +17,27 @@ def _families():
             yield name, adapter
 
 
+def _probe_sites(adapter: type) -> list:
+    """Sites of the kinds the family has: its declared block children, else (families whose sites are
+    found in the model, e.g. U-Nets) self-attention, cross-attention and feed-forward on image tokens."""
+    probe = adapter.__new__(adapter)
+    declared = [(kind, layout, rope[0] if rope else None)
+                for _, children in adapter.blocks for kind, layout, *rope in children.values()]
+    kinds = declared or [("self_attn", "image", None), ("cross_attn", "image", None), ("ff", "image", None)]
+    return [probe.make_site("probe", kind, None, "probe", 0, layout, rope=rope) for kind, layout, rope in kinds]
+
+
 def support_matrix() -> dict[str, dict[str, bool]]:
-    """{family: {method: acts}}: whether a method acts on the family's image-token sub-layers."""
+    """{family: {method: acts}}: whether a method, with its default policy, acts on some site the family
+    has."""
     out = {}
     for name, adapter in _families():
-        probe = adapter.__new__(adapter)
+        sites = _probe_sites(adapter)
         out[name] = {}
         for method in available_methods():
-            cls = method_class(method)
-            site = probe.make_site("probe", "self_attn", None, "probe", 0, "image")
-            out[name][method] = cls().unsupported(site) is None
+            config = method_class(method)()
+            policy = config.effective_policy()
+            out[name][method] = any(config.unsupported(s) is None and policy.selects(s) for s in sites)
     return out
 
 

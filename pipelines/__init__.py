@@ -7,6 +7,9 @@ import torch
 from .animatediff import AnimateDiffAdapter
 from .base import CFG_LAYOUTS, Adapter
 from .cogvideox import CogVideoXAdapter
+from .comfy_flux import ComfyFluxAdapter
+from .comfy_unet import ComfyUNetAdapter
+from .comfy_wan import ComfyWanAdapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .generic import GenericAdapter
@@ -20,7 +23,8 @@ from .wan import WanAdapter
 # Order matters: the generic fallback comes last.
 ADAPTERS: tuple[type[Adapter], ...] = (
     UNetAdapter, AnimateDiffAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter, CogVideoXAdapter, WanAdapter,
-    HunyuanVideoAdapter, LTXVideoAdapter, GenericAdapter,
+    HunyuanVideoAdapter, LTXVideoAdapter, ComfyUNetAdapter, ComfyFluxAdapter, ComfyWanAdapter,
+    GenericAdapter,
 )
 
 # Pipeline attributes that hold denoisers, in the order pipelines call them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +37,10 @@ class Adapter:
     cfg_layout: ClassVar[str] = "batched"
     cond_half: ClassVar[str] = "second"  # which half of a batched-CFG call is conditional
     input_name: ClassVar[str] = "hidden_states"  # the latent argument of the denoiser's forward
+    block_input: ClassVar[str] = "hidden_states"  # the hidden-state keyword of its blocks' forward
+    # Whether the family's blocks (or those after them) change their input tensors in place: a stored
+    # block output is then copied when stored and when served
+    inplace_blocks: ClassVar[bool] = False
     temporal_compression: ClassVar[int] = 1  # video frames per latent frame of the family's VAE
     spatial_compression: ClassVar[int] = 8  # image pixels per latent pixel (per side) of the family's VAE
 
@@ -92,6 +97,16 @@ class Adapter:
         return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first, span,
                         ph * self.spatial_compression)
 
+    def host_step(self, args: tuple, kwargs: dict) -> int | None:
+        """The denoising step of this call where the program running the denoiser says it in the call
+        (ComfyUI: the call's sigma among the sampler's), else None: the clock counts the steps."""
+        return None
+
+    def host_branch(self, args: tuple, kwargs: dict, batch: int) -> tuple[str, bool, str] | None:
+        """(CFG branch, whether the call is batched [uncond, cond] halves, which half is conditional) where
+        the call itself says it (ComfyUI's cond_or_uncond), else None: decided once per run as usual."""
+        return None
+
     def is_cfg_batched(self, pipe: Any, args: tuple, kwargs: dict, batch: int) -> bool:
         """Whether this call carries batched [uncond, cond] rows."""
         if self.cfg_layout != "batched" or pipe is None or batch % 2:
@@ -112,6 +127,13 @@ def _has_submodule(model: torch.nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def set_levels(sites: list[Site]) -> None:
+    """Resolution levels from the sites' downsample factors: 0 is the finest grid that has sites."""
+    finest = min((s.downsample for s in sites), default=1)
+    for s in sites:
+        s.level = int(math.log2(s.downsample // finest))
 
 
 def _number(sites: list[Site]) -> list[Site]:

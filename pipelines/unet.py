@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from diffaccel.sites import Geometry, Site
 
-from .base import Adapter, _number, tensor_arg
+from .base import Adapter, _number, set_levels, tensor_arg
 from .generic import basic_block_sites
 
 
@@ -45,9 +44,7 @@ class UNetAdapter(Adapter):
         blocks = list(dict.fromkeys(s.block for s in sites))
         for s in sites:
             s.depth = blocks.index(s.block)
-        finest = min((s.downsample for s in sites), default=1)
-        for s in sites:
-            s.level = int(math.log2(s.downsample // finest))
+        set_levels(sites)
         return _number(sites)
 
     def geometry(self, args, kwargs):

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,6 +58,14 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
 def available_methods() -> list[str]:
     """Names accepted by `accelerate_pipeline`."""
     return sorted(_REGISTRY)
+
+
+def method_summary(name: str) -> str:
+    """The first sentence of a registered method's module docstring (what the method does), for faces."""
+    cls = method_class(name)
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or name).strip()
+    first = doc.split("\n\n")[0].replace("\n", " ")
+    return first.split(". ")[0].rstrip(".") + "."
 
 
 def method_class(name: str) -> type[MethodConfig]:

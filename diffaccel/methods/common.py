@@ -67,8 +67,10 @@ def call_image_span(site: Site, ctx: Context, x: torch.Tensor) -> ImageSpan | No
 
 def kv_attention(site: Site) -> bool:
     """Whether a self-attention site can take keys and values apart from its queries, as
-    `encoder_hidden_states` (an image-token site without rotary embeddings, with such a processor)."""
+    `site.kv_arg` (an image-token site without rotary embeddings, with such a processor)."""
     m = site.module
+    if site.plain_kv is not None:
+        return site.plain_kv and site.layout == "image" and site.rope is None
     return (site.layout == "image" and site.rope is None
             and type(getattr(m, "processor", None)).__name__ in KV_PROCESSORS
             and getattr(m, "norm_cross", None) is None and not getattr(m, "is_cross_attention", False))

@@ -266,8 +266,8 @@ class TokenwiseCache(CachingMethod):
             scatter_tokens(entry.extra["input"], picked, gather_tokens(rows, picked))
         stale.add_(1).scatter_(1, picked, 0)
         idx = expand_rows(picked, x.shape[0])
-        if site.kind == "self_attn" and call.kwargs.get("encoder_hidden_states") is None:
-            call.kwargs["encoder_hidden_states"] = x  # keys and values of every token
+        if site.kind == "self_attn" and call.kwargs.get(site.kv_arg) is None:
+            call.kwargs[site.kv_arg] = x  # keys and values of every token
             call.keys_values = call.keys_values or n
         call.hidden = gather_tokens(x, idx)
         call.reduced = True

@@ -139,7 +139,8 @@ class ToDoConfig(TokenMethod):
         # the processor decides, at each call: it may have been swapped since acceleration (fused
         # projections, an IP-Adapter or LoRA loaded, set_attn_processor)
         plain = kv_attention(site)
-        if plain and (call.kwargs.get("encoder_hidden_states") is not None or call.get("attention_mask", 2) is not None):
+        if plain and (call.kwargs.get(site.kv_arg) is not None or call.get("attention_mask", 2) is not None
+                      or call.kwargs.get("mask") is not None):
             ctx.notes[site.name] = "its call carries a context or a mask: not plain self-attention, so it is not pooled"
             return False
         factor = params["factor"] or auto_factor(ctx.geometry.pixel_area)
@@ -153,7 +154,7 @@ class ToDoConfig(TokenMethod):
                 return False
         call.keys_values = x.shape[1] - span.n + pooled
         if plain:
-            call.kwargs["encoder_hidden_states"] = pool_tokens(x, *span.grid, factor, self.mode, ft)
+            call.kwargs[site.kv_arg] = pool_tokens(x, *span.grid, factor, self.mode, ft)
             return True
         pooling = PooledAttention(span, factor, self.mode, ft)
         call.arounds.append(pooling)
