@@ -53,13 +53,17 @@ class ComfyAdapter(Adapter):
         if not isinstance(chunks, (list, tuple)) or not chunks:
             return None
         chunks = [int(c) for c in chunks]
+        # ComfyUI may run several calls with one label in a step (conds it cannot batch together, or
+        # split for memory): each cond's uuid keeps their caches apart
+        uuids = self.options(kwargs).get("uuids")
+        tag = (" " + ",".join(map(str, uuids))) if isinstance(uuids, (list, tuple)) and uuids else ""
         if sorted(chunks) == [0, 1] and batch % 2 == 0:
-            return "cond_uncond", True, "first" if chunks[0] == 0 else "second"
+            return "cond_uncond" + tag, True, "first" if chunks[0] == 0 else "second"
         if set(chunks) == {0}:
-            return "cond", False, "second"
+            return "cond" + tag, False, "second"
         if set(chunks) == {1}:
-            return "uncond", False, "second"
-        return "chunks " + ",".join(map(str, chunks)), False, "second"  # (several conds: a branch of its own)
+            return "uncond" + tag, False, "second"
+        return "chunks " + ",".join(map(str, chunks)) + tag, False, "second"  # (several conds: their own branch)
 
     def is_cfg_batched(self, pipe: Any, args: tuple, kwargs: dict, batch: int) -> bool:
         return False  # (a call without cond_or_uncond: ComfyUI did not say, so every row selects its own)

@@ -22,6 +22,8 @@ class ComfyWanAdapter(ComfyAdapter):
     comfy_classes = ("WanModel",)
     comfy_module = "comfy.ldm.wan"
     cfg_layout = "batched"
+    # ComfyUI's VACE model adds into block outputs in place: a stored block output is copied
+    inplace_blocks = True
     temporal_compression = 4
     blocks = (("blocks", {"self_attn": ("self_attn", "image"), "cross_attn": ("cross_attn", "image"),
                           "ffn": ("ff", "image")}),)

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels", type=int, default=64, help="U-Net width (SD 1.5: 320)")
     ap.add_argument("--ratio", type=float, default=0.5, help="ToMe ratio, ours and ComfyUI's")
     args = ap.parse_args(argv)
-    boot()
+    command = " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    boot()  # (ComfyUI's own argument parsing then sees no arguments)
     torch.set_num_threads(torch.get_num_threads())
     import comfy
     import nodes
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         row["median_s"] = statistics.median(row["times"])
         row["speedup"] = statistics.median(base["times"]) / row["median_s"]
         row["flops_ratio"] = base["flops"] / row["flops"] if row["flops"] else None
-    record = dict(command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+    record = dict(command=command,
                   comfyui=getattr(comfy, "__version__", None) or _comfy_version(), torch=torch.__version__,
                   machine=platform.machine(), processor=platform.processor(), threads=torch.get_num_threads(),
                   model=f"SD 1.5 U-Net layout, width {args.channels} (SD 1.5: 320), random weights", size=args.size,
