@@ -10,16 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffaccel import available_methods
-from diffaccel.methods.base import MethodConfig, Option, method_class, method_summary
+from diffaccel.methods.base import MethodConfig, Option, method_class, method_summary, option_label
 
 from .engine import DemoError
 
 SLIDER_SPAN = 100  # a bounded number gets a slider when its range is at most this wide; else a number box
-
-
-def _label(value: Any) -> str:
-    return {None: "auto", True: "on", False: "off"}.get(value, str(value)) if not isinstance(value, (int, float)) \
-        or isinstance(value, bool) else str(value)
 
 
 def _info(opt: Option) -> str:
@@ -66,7 +61,7 @@ def component_for(gr: Any, opt: Option, method: str) -> Any:
     if opt.kind == "bool":
         return gr.Checkbox(value=bool(opt.default), **common)
     if opt.kind == "choice":
-        return gr.Dropdown(choices=[(_label(c), json.dumps(c)) for c in opt.choices], value=json.dumps(opt.default),
+        return gr.Dropdown(choices=[(option_label(c), json.dumps(c)) for c in opt.choices], value=json.dumps(opt.default),
                            **common)
     if opt.kind in ("float", "int"):
         span = (opt.high - opt.low) if opt.low is not None and opt.high is not None else math.inf

@@ -10,20 +10,13 @@ from typing import Any
 
 from ..config import configs_from_dict, load_config
 from ..methods.base import MethodConfig, Option, available_methods, method_class, method_summary
+from ..methods.base import option_label as label
 from ..policy import Policy
 from . import sampling
 
 CATEGORY = "diffaccel"
 POLICY = "DIFFACCEL_POLICY"
 INT_MAX = 2**63 - 1
-LABELS = {None: "auto", True: "on", False: "off"}
-
-
-def label(value: Any) -> str:
-    """How a choice appears in a ComfyUI combo (combo entries are strings)."""
-    if isinstance(value, bool) or value is None:
-        return LABELS[value]
-    return str(value)
 
 
 def _tooltip(opt: Option) -> str:

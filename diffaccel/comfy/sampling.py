@@ -41,8 +41,14 @@ class Acceleration:
 
     def __init__(self, configs: list[MethodConfig]):
         self.configs = tuple(configs)
-        self.report: str | None = None  # the last sampling's summary and describe() table
-        self.description: dict | None = None  # its describe(), as data
+        self.description: dict | None = None  # the last sampling's describe()
+
+    @property
+    def report(self) -> str | None:
+        """The last sampling's summary line and describe() table (None before a sampling)."""
+        if self.description is None:
+            return None
+        return summary(self.description) + "\n" + str(self.description)
 
     def __deepcopy__(self, memo: dict) -> Acceleration:
         return self
@@ -122,7 +128,6 @@ def sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         for w in caught:
             log.warning("diffaccel: %s", w.message)
         held.description = describe(denoiser)
-        held.report = summary(held.description) + "\n" + str(held.description)
         log.info("diffaccel: %s", summary(held.description))
         return out
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import time
 import types
 from dataclasses import dataclass
 
@@ -139,14 +138,3 @@ def sample(model, tiny: Tiny, steps: int = 6, cfg: float = 5.0, size: int = 16, 
     out = nodes.KSampler().sample(model, seed, steps, cfg, sampler, "normal", conditioning(tiny, 1),
                                   conditioning(tiny, 2), latent, denoise=1.0)
     return out[0]["samples"]
-
-
-def timed_sample(model, tiny: Tiny, repeats: int = 3, **kw) -> tuple[torch.Tensor, float]:
-    """The output and the median time of `repeats` samplings (after one warm-up)."""
-    out = sample(model, tiny, **kw)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sample(model, tiny, **kw)
-        times.append(time.perf_counter() - t0)
-    return out, sorted(times)[len(times) // 2]

@@ -68,6 +68,13 @@ def method_summary(name: str) -> str:
     return first.split(". ")[0].rstrip(".") + "."
 
 
+def option_label(value: Any) -> str:
+    """How a choice is shown in a face's menu: None, True, False as "auto", "on", "off"; others as text."""
+    if isinstance(value, bool) or value is None:
+        return {None: "auto", True: "on", False: "off"}[value]
+    return str(value)
+
+
 def method_class(name: str) -> type[MethodConfig]:
     if not isinstance(name, str):
         raise TypeError(f"a method is a name, a config object or a list of them; got {type(name).__name__}")
