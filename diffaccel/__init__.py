@@ -8,7 +8,9 @@
 from diffaccel.pipelines import UnsupportedModelError, supported_families
 
 from .api import accelerate_pipeline, is_accelerated, remove_acceleration, reset
+from .calibration import calibrate
 from .config import load_config, save_config
+from .cost import Calibration
 from .describe import Description, describe
 from .methods import (
     CachingMethod,
@@ -31,9 +33,9 @@ from .reference import load_reference_pipeline
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachingMethod", "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig",
+    "CachingMethod", "Calibration", "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig",
     "Piecewise", "Policy", "Rule", "Selector", "SiToConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod",
-    "UnsupportedModelError", "Window", "accelerate_pipeline", "available_methods", "describe", "is_accelerated",
+    "UnsupportedModelError", "Window", "accelerate_pipeline", "available_methods", "calibrate", "describe", "is_accelerated",
     "load_config", "load_reference_pipeline", "Option", "option", "register", "remove_acceleration", "reset", "save_config",
     "supported_families",
 ]

@@ -127,7 +127,8 @@ class Context:
     block_inputs:   block path -> its hidden-state input (recorded for methods that measure on it)
     shared:         per-call results the sub-layers of a block share (one matching, one fresh set)
     state:          per-run state of caching methods (e.g. a block's attention statistic)
-    notes:          site name -> why a method did not act there (this run)"""
+    notes:          site name -> why a method did not act there (this run)
+    step_key:       in a compiled denoiser, the step as a 0-d tensor (see `Tracker.prepare`)"""
 
     run: int
     step: int
@@ -144,6 +145,18 @@ class Context:
     state: dict = field(repr=False, default_factory=dict)
     notes: dict[str, str] = field(repr=False, default_factory=dict)
     warned: set = field(repr=False, default_factory=set)  # warnings already given by this installation
+    # a compiled denoiser's step as a tensor (its value is not a constant of the compiled graph): what
+    # the seeded draws read there (see methods.common.BlockRandom)
+    step_key: torch.Tensor | None = field(repr=False, default=None)
+    acted: dict = field(repr=False, default_factory=dict)  # compiled calls: (method, site) -> whether it acted
+    # what caching methods key their per-run `state` by beside their own keys: the branch (compiled
+    # calls keep a state dict per branch instead, so a graph never depends on the branch's name)
+    state_branch: str | None = field(repr=False, default=None)
+    after: Any = field(repr=False, default=None)  # compiled calls: what the next call of the step runs
+
+    def __post_init__(self):
+        if self.state_branch is None:
+            self.state_branch = self.branch
 
     def warn_once(self, key: Any, message: str) -> None:
         """A UserWarning, given once per installation for each key."""

@@ -1,5 +1,6 @@
 """Command line: `diffaccel run` (the main job on the embedded default), `diffaccel bench`,
-`diffaccel demo` (the Gradio app) and `diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)."""
+`diffaccel demo` (the Gradio app), `diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)
+and `diffaccel calibrate` (the cost model's constants measured on this device)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.demo_args)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import cmd_calibrate
+
+    return cmd_calibrate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffaccel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--grid", default=None, help="folder for sample grids (samples_<kind>.png)")
     ref.add_argument("--out", default=None, help="write the figures as JSON here")
     ref.set_defaults(func=cmd_reference)
+
+    cal = sub.add_parser("calibrate", help="measure the cost model's constants on this device and save them as "
+                                           "its calibration (docs/calibration.md)")
+    cal.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    cal.add_argument("--quick", action="store_true", help="fewer, smaller shapes: a few seconds, rougher figures")
+    cal.add_argument("--no-save", action="store_true", help="measure and print, but keep the saved calibration")
+    cal.add_argument("--json", action="store_true", help="print the calibration file's JSON on stdout (progress "
+                                                         "goes to stderr)")
+    cal.set_defaults(func=_cmd_calibrate)
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["demo"]:  # its options are the demo's own (argparse cannot hand on a leading --option)
         return cmd_demo(argparse.Namespace(demo_args=given[1:]))

@@ -46,6 +46,7 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
         plan_steps=steps,
         denoisers=[],
     )
+    out["cost_model"] = _cost_model(inst, members)
     by_model = {id(st.model): st for st in inst.denoisers} if inst else {}
     for attr, model in members:
         st = by_model.get(id(model))
@@ -90,11 +91,27 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
     return out
 
 
+def _cost_model(inst: Any, members: list) -> dict | None:
+    """Which calibration the cost model uses (diffaccel.cost), where an installed method consults it:
+    that of the first denoiser's device."""
+    if inst is None or not any(getattr(m, "uses_cost_model", lambda: False)() for m in inst.methods):
+        return None
+    from .cost import calibration_for
+
+    param = next((p for _, model in members for p in model.parameters()), None)
+    cal = calibration_for(param.device if param is not None else "cpu")
+    return dict(device=cal.device, device_type=cal.device_type, origin=cal.origin, measured=cal.measured,
+                date=cal.date, command=cal.command, path=cal.path, flops=cal.flops, bandwidth=cal.bandwidth,
+                launch=cal.launch, summary=cal.summary())
+
+
 def render_table(d: dict) -> str:
     lines = []
     names = [m["method"] for m in d["methods"]]
     head = "accelerated with " + ", ".join(names) if names else "not accelerated"
     lines.append(f"diffaccel: {head}; plan over {d['plan_steps']} steps")
+    if d.get("cost_model"):
+        lines.append(d["cost_model"]["summary"])
     for den in d["denoisers"]:
         lines.append(f"\n[{den['attr']}] {den['family']}  (CFG layout: {den['cfg_layout']})")
         if den.get("cache") is not None:

@@ -156,7 +156,7 @@ def bipartite_soft_matching_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy
 
 
 def similarity_pruning_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
-                          noise: float = 0.0, generator: torch.Generator | None = None, frames: int = 1,
+                          noise: float = 0.0, generator: torch.Generator | torch.Tensor | None = None, frames: int = 1,
                           st: int = 1) -> TokenReduction:
     """SiTo: score each token by the sum of its cosine similarities to all tokens plus `noise` times
     standard Gaussian noise, keep the highest-scoring token of each cell (sy x sx, x st frames) as a
@@ -166,9 +166,9 @@ def similarity_pruning_2d(metric: torch.Tensor, h: int, w: int, sx: int, sy: int
     similarity is x_i . sum_j x_j and the matchings run in tiles, so no N x N matrix is formed."""
     unit = F.normalize(metric, dim=-1)
     score = (unit @ unit.sum(dim=1, keepdim=True).transpose(-1, -2)).squeeze(-1)
-    if noise:
-        rand = torch.randn((1, score.shape[1]), generator=generator,
-                           device=generator.device if generator else None)
+    if noise:  # `generator` may also be the (1, N) draw itself
+        rand = generator if isinstance(generator, torch.Tensor) else \
+            torch.randn((1, score.shape[1]), generator=generator, device=generator.device if generator else None)
         score = score + noise * rand.to(score.device, score.dtype)
     fst, hsy, wsx = frames // st, h // sy, w // sx
     cells = score.view(-1, frames, h, w)[:, : fst * st, : hsy * sy, : wsx * sx]
@@ -300,6 +300,8 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.unflatten:  # its Python method, which a compiler cannot trace in a mode
+            return torch.unflatten(*args, **kwargs)
         if func is F.scaled_dot_product_attention and not kwargs.get("is_causal", False):
             names = ("query", "key", "value", "attn_mask")
             values = list(args) + [kwargs.pop(k) for k in names[len(args):] if k in kwargs]
@@ -350,6 +352,8 @@ class AttentionProbe(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.unflatten:  # its Python method, which a compiler cannot trace in a mode
+            return torch.unflatten(*args, **kwargs)
         if func is F.scaled_dot_product_attention and self.result is None:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
             values = list(args) + [kwargs[k] for k in names[len(args):] if k in kwargs]

@@ -97,6 +97,10 @@ class Adapter:
         return Geometry(frames, x.shape[-2] // ph, x.shape[-1] // pw, text_tokens, text_first, span,
                         ph * self.spatial_compression)
 
+    def prepare_compiled(self, loop_locals: dict) -> None:
+        """Before a step of a compiled denoiser (outside it): read from the pipeline's loop (its local
+        variables) what `geometry` cannot read from tensor values inside a compiled graph."""
+
     def host_step(self, args: tuple, kwargs: dict) -> int | None:
         """The denoising step of this call where the program running the denoiser says it in the call
         (ComfyUI: the call's sigma among the sampler's), else None: the clock counts the steps."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from diffaccel.sites import Geometry
 
 from .base import Adapter, tensor_arg
@@ -27,6 +29,11 @@ class FluxAdapter(Adapter):
         self._ids_key = None
         self._ids_grid = None
 
+    def prepare_compiled(self, loop_locals):
+        ids = loop_locals.get("latent_image_ids")
+        if isinstance(ids, torch.Tensor) and not ids.is_meta:
+            self.geometry((ids,), {"img_ids": ids})  # reads the grid from the ids, as an eager call does
+
     def geometry(self, args, kwargs):
         x = tensor_arg(args, kwargs, "hidden_states")
         text = tensor_arg(args, kwargs, "encoder_hidden_states", 1)
@@ -39,6 +46,10 @@ class FluxAdapter(Adapter):
             h = w = math.isqrt(ids.shape[0])
             if h * w != ids.shape[0]:
                 return None, x.shape[0]
+        elif torch.compiler.is_compiling():  # the grid read before the step (prepare_compiled)
+            if self._ids_grid is None or self._ids_grid[0] * self._ids_grid[1] != ids.shape[0]:
+                return None, x.shape[0]
+            h, w = self._ids_grid
         else:
             # Packed latents carry their grid only in the position ids: read it once per distinct ids tensor.
             key = (ids.data_ptr(), tuple(ids.shape))

@@ -1,10 +1,15 @@
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors in Triton's interpreter (must be set before any @triton.jit runs)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# a calibration the developer ran on this machine (`diffaccel calibrate`) must not change what tests see
+os.environ["DIFFACCEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffaccel-cache-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -280,7 +280,8 @@ def test_primary_scores_are_l2_normalised_below_the_staleness_bonus():
     from diffaccel.sites import Site
 
     site = Site("x", "ff", torch.nn.Identity(), "b", 0)
-    ctx = SimpleNamespace(cfg_batched=False, branch="cond", state={}, step=1, geometry=None, notes={})
+    ctx = SimpleNamespace(cfg_batched=False, branch="cond", state_branch="cond", state={}, step=1, geometry=None,
+                          notes={})
     x = torch.randn(2, 1024, 8)
     for score in ("change", "vnorm", "attention", "entropy"):
         cfg = ToCaConfig(score=score)

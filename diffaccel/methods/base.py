@@ -491,6 +491,18 @@ class CachingMethod(MethodConfig):
         full inside the entry's cycle) or COMPUTE (run in full, store the output, a new cycle)."""
         return Plan.REUSE if self.reuses(site, ctx, params, entry) else Plan.COMPUTE
 
+    def traced_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
+                    plan: Plan) -> Plan:
+        """In a compiled denoiser, `plan` was made outside the call from the entry (`call` None):
+        the plan to follow given the call's arguments (fixed in a compiled graph)."""
+        return plan
+
+    def compiled_params(self, site: Site, ctx: Context, params: dict, entry: CacheEntry | None,
+                        plan: Plan) -> dict:
+        """The parameters a compiled call reads, made outside it (e.g. sizes the graph takes as
+        symbolic rather than as constants of one step)."""
+        return params
+
     def reuses(self, site: Site, ctx: Context, params: dict, entry: CacheEntry) -> bool:
         """Whether this call returns the cached output instead of running (the default `plan`)."""
         return False

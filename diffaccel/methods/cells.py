@@ -17,7 +17,7 @@ from ..policy import Policy, Rule, Selector
 from ..sites import Site
 from ..tokens import TokenReduction, gather_positions, rope_seq_dim
 from .base import DOWNSAMPLES, TokenMethod, option
-from .common import block_generator, call_image_span, cfg_rows, default_frames, downsample_levels
+from .common import BlockRandom, call_image_span, cfg_rows, default_frames, downsample_levels
 
 METRICS = ("block", "hidden")
 
@@ -82,7 +82,8 @@ class CellReductionConfig(TokenMethod):
         return max(1, min(self.st or default_frames(frames, span), frames))
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
-                        generator: torch.Generator) -> TokenReduction:
+                        rand: BlockRandom) -> TokenReduction:
+        """`rand`: the draws of this block and step."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def reduction_for(self, site: Site, ctx: Context, x: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
@@ -101,7 +102,7 @@ class CellReductionConfig(TokenMethod):
         metric = cfg_rows(block_input if shared else x, ctx)
         if one_row and metric.shape[0] > 1:
             metric = F.normalize(metric, dim=-1).mean(dim=0, keepdim=True)
-        reduction = self.build_reduction(metric, grid, st, r, block_generator(self.seed, ctx.step, site))
+        reduction = self.build_reduction(metric, grid, st, r, BlockRandom(self.seed, ctx, site))
         reduction = reduction.expand(x.shape[0])
         if shared:
             ctx.shared[key] = reduction

@@ -5,6 +5,7 @@ seeded generator of a block and step, and the default windows of the schedules."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -88,4 +89,54 @@ def cfg_rows(x: torch.Tensor, ctx: Context) -> torch.Tensor:
 def block_generator(seed: int, step: int, site: Site) -> torch.Generator:
     """A generator fixed by (seed, step, block): the same draws whatever the batch, call order or
     earlier interruptions, and shared by the sub-layers of one block."""
-    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + site.depth) % (2**63))
+    return _generator(seed, step, site.depth)
+
+
+class BlockRandom:
+    """Draws fixed by (seed, step, block), as `block_generator` gives them. Inside a compiled denoiser
+    (where no generator can be made and the step is no constant) they come from the custom op
+    `diffaccel::block_draw`, which reads the step from the context's `step_key` tensor: the same draws,
+    and one compiled graph for every step."""
+
+    def __init__(self, seed: int, ctx: Any, site: Site):
+        self.seed, self.ctx, self.depth = seed, ctx, site.depth
+
+    def _draw(self, kind: str, shape: tuple[int, ...], high: int = 0) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.ctx.step_key is not None:
+            return torch.ops.diffaccel.block_draw(self.ctx.step_key, self.seed, self.depth, kind, high, list(shape))
+        return _draw(_generator(self.seed, self.ctx.step, self.depth), kind, shape, high)
+
+    def generator(self) -> torch.Generator:
+        """The block's generator itself (eager calls only)."""
+        return _generator(self.seed, self.ctx.step, self.depth)
+
+    def randint(self, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Ints in [0, high) on the CPU."""
+        return self._draw("randint", shape, high)
+
+    def rand(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw("rand", shape)
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw("randn", shape)
+
+
+def _generator(seed: int, step: int, depth: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step * 7_919 + depth) % (2**63))
+
+
+def _draw(gen: torch.Generator, kind: str, shape: tuple[int, ...], high: int) -> torch.Tensor:
+    if kind == "randint":
+        return torch.randint(high, size=tuple(shape), generator=gen)
+    return (torch.rand if kind == "rand" else torch.randn)(tuple(shape), generator=gen)
+
+
+@torch.library.custom_op("diffaccel::block_draw", mutates_args=())
+def block_draw(step: torch.Tensor, seed: int, depth: int, kind: str, high: int, shape: list[int]) -> torch.Tensor:
+    """BlockRandom's draws with the step given as a tensor (CPU result)."""
+    return _draw(_generator(seed, int(step), depth), kind, tuple(shape), high)
+
+
+@block_draw.register_fake
+def _(step, seed, depth, kind, high, shape):
+    return torch.empty(shape, dtype=torch.int64 if kind == "randint" else torch.float32)

@@ -62,4 +62,4 @@ class DuCaConfig(ToCaConfig):
             return Plan.REUSE  # aggressive
         if params["fresh_ratio"] >= 1:
             return Plan.RECOMPUTE
-        return self.token_plan(site, ctx, params, call)
+        return self.token_plan(site, ctx, params, call, entry.signature[2][1])

@@ -18,6 +18,7 @@ import torch
 from ..tokens import TokenReduction, similarity_pruning_2d
 from .base import option, register
 from .cells import CellReductionConfig
+from .common import BlockRandom
 
 
 @register
@@ -41,7 +42,9 @@ class SiToConfig(CellReductionConfig):
     kind_flags = ("prune_attn", "prune_crossattn", "prune_mlp")
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
-                        generator: torch.Generator) -> TokenReduction:
+                        rand: BlockRandom) -> TokenReduction:
         f, h, w = grid
-        return similarity_pruning_2d(metric, h, w, self.sx, self.sy, r, self.noise, generator if self.noise else None,
-                                     f, st)
+        draw = None
+        if self.noise:  # the generator itself, or in a compiled denoiser its (1, N) draw
+            draw = rand.randn((1, f * h * w)) if torch.compiler.is_compiling() else rand.generator()
+        return similarity_pruning_2d(metric, h, w, self.sx, self.sy, r, self.noise, draw, f, st)

@@ -61,7 +61,7 @@ from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
 from .base import CachingMethod, check_choice, check_number, option, register
-from .common import SUBLAYERS, block_generator, cfg_rows, image_span, kv_attention, warmup_window
+from .common import SUBLAYERS, BlockRandom, cfg_rows, image_span, kv_attention, warmup_window
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
@@ -198,16 +198,32 @@ class TokenwiseCache(CachingMethod):
         """int(ratio x n) in float32, as the reference counts its top-k."""
         return min(n, int(np.float32(self.fresh_fraction(site, ctx, params)) * np.float32(n)))
 
-    def token_plan(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> Plan:
+    def token_plan(self, site: Site, ctx: Context, params: dict, call: SiteCall | None,
+                   n: int | None = None) -> Plan:
         """A ToCa step at this site: all tokens fresh (RECOMPUTE, the cycle keeps its start), none
-        (REUSE), or some (PARTIAL)."""
-        n = call.hidden.shape[1]
+        (REUSE), or some (PARTIAL). Without a call (a compiled denoiser's plan, made before it), `n`
+        tokens and the arguments checked by `traced_plan`."""
+        n = call.hidden.shape[1] if call is not None else n
         k = self.fresh_count(site, ctx, params, n)
         if k >= n:
             return Plan.RECOMPUTE
-        if k == 0 or not _partial_ok(site, call):
+        if k == 0 or (call is not None and not _partial_ok(site, call)):
             return Plan.REUSE
         return Plan.PARTIAL
+
+    def traced_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
+                    plan: Plan) -> Plan:
+        return Plan.REUSE if plan == Plan.PARTIAL and not _partial_ok(site, call) else plan
+
+    def compiled_params(self, site: Site, ctx: Context, params: dict, entry: CacheEntry | None,
+                        plan: Plan) -> dict:
+        """A partial step's fresh-token count as the length of a tensor marked dynamic: the compiled
+        graph takes it as a symbol, so steps with other counts run the same graph."""
+        if plan != Plan.PARTIAL:
+            return params
+        size = torch.empty(self.fresh_count(site, ctx, params, entry.signature[2][1]), dtype=torch.uint8)
+        torch._dynamo.maybe_mark_dynamic(size, 0)
+        return {**params, "fresh_size": size}
 
     # -- entries ----------------------------------------------------------------------------
     def prepare_compute(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> None:
@@ -227,7 +243,7 @@ class TokenwiseCache(CachingMethod):
             return
         probe = AttentionProbe(stat)
         call.arounds.append(probe)
-        key = (self.score, ctx.branch, site.block)
+        key = (self.score, ctx.state_branch, site.block)
         x = call.hidden
 
         def record(out):
@@ -247,10 +263,11 @@ class TokenwiseCache(CachingMethod):
     def refresh(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> None:
         x = call.hidden
         n = x.shape[1]
-        k = self.fresh_count(site, ctx, params, n)
+        size = params.get("fresh_size")  # (a compiled denoiser's count, as a symbolic size)
+        k = self.fresh_count(site, ctx, params, n) if size is None else size.shape[0]
         stale = entry.extra["staleness"]
         # the feed-forward sub-layers of one block that see the same tokens share one fresh set
-        shared = ("fresh", site.block, site.layout, n, k) if site.kind == "ff" else None
+        shared = ("fresh", site.block, site.layout, n, k if size is None else "k") if site.kind == "ff" else None
         picked = ctx.shared.get(shared) if shared else None
         rows = cfg_rows(x, ctx)
         if picked is None:
@@ -287,15 +304,14 @@ class TokenwiseCache(CachingMethod):
             ctx.notes[site.name] = (f"the {self.score!r} score has no source in this block (its "
                                     f"{PROBES[self.score][1]} does not call scaled_dot_product_attention, or "
                                     f"there is none): random tokens")
-        gen = block_generator(self.seed, ctx.step, site)
-        return torch.rand(rows.shape[:2], generator=gen).to(rows.device)
+        return BlockRandom(self.seed, ctx, site).rand(rows.shape[:2]).to(rows.device)
 
     def block_statistic(self, site: Site, ctx: Context, n: int) -> torch.Tensor | None:
         """The block's stored attention statistic for this site's `n` tokens: batched CFG halves
         averaged (for the entropy, that of the two halves' maps side by side, as the reference mixes
         them: ln 2 + the mean), the image or text part of a joint sequence taken where the site sees
         only that part. None when there is none."""
-        stat = ctx.state.get((self.score, ctx.branch, site.block))
+        stat = ctx.state.get((self.score, ctx.state_branch, site.block))
         if stat is None:
             return None
         if ctx.cfg_batched and stat.shape[0] % 2 == 0:
@@ -418,4 +434,4 @@ class ToCaConfig(TokenwiseCache):
 
     def cached_plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall,
                     offset: int) -> Plan:
-        return self.token_plan(site, ctx, params, call)
+        return self.token_plan(site, ctx, params, call, entry.signature[2][1])

@@ -16,6 +16,7 @@ import torch
 from ..tokens import TokenReduction, bipartite_soft_matching_2d, random_destinations
 from .base import option, register
 from .cells import CellReductionConfig
+from .common import BlockRandom
 
 
 @register
@@ -36,8 +37,11 @@ class ToMeConfig(CellReductionConfig):
     kind_flags = ("merge_attn", "merge_crossattn", "merge_mlp")
 
     def build_reduction(self, metric: torch.Tensor, grid: tuple[int, int, int], st: int, r: int,
-                        generator: torch.Generator) -> TokenReduction:
+                        rand: BlockRandom) -> TokenReduction:
         f, h, w = grid
-        choice = random_destinations(h, w, self.sx, self.sy, generator if self.use_rand else None, metric.device,
-                                     f, st)
+        if self.use_rand:  # one offset per cell (random_destinations' draw, from the block's draws)
+            cells = (h // self.sy, w // self.sx) if f == 1 and st == 1 else (f // st, h // self.sy, w // self.sx)
+            choice = rand.randint(self.sx * self.sy * st, (*cells, 1)).view(1, *cells).to(metric.device)
+        else:
+            choice = random_destinations(h, w, self.sx, self.sy, None, metric.device, f, st)
         return bipartite_soft_matching_2d(metric, h, w, self.sx, self.sy, r, choice, f, st)
