@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffaccel.kernels import gather_tokens, scatter_tokens
+from diffaccel import kernels
+from diffaccel.kernels import gather_tokens
 
 # Elements of one similarity tile (rows x destinations) per batch row; bounds the matching's memory.
 MATCH_TILE = 1 << 22
@@ -43,21 +44,15 @@ def cell_partition(h: int, w: int, sx: int, sy: int, choice: torch.Tensor, frame
     return dst_idx, src_idx
 
 
-def best_match(a: torch.Tensor, b: torch.Tensor, tile: int = MATCH_TILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of a (B, Na, C), the highest dot product with a row of b (B, Nb, C) and its index.
+def best_match(a: torch.Tensor, b: torch.Tensor, tile: int = MATCH_TILE,
+               normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of a (B, Na, C), the highest dot product with a row of b (B, Nb, C) and its index
+    (of the L2-normalised rows with `normalize`).
 
-    Computed in tiles of rows so no Na x Nb matrix is held when it would exceed `tile` elements.
+    The op `diffaccel::best_match`: a tiled Triton kernel on CUDA; the torch reference elsewhere, which
+    computes in tiles of rows so no Na x Nb matrix is held when it would exceed `tile` elements.
     """
-    rows = max(1, tile // max(1, b.shape[1]))
-    if a.shape[1] <= rows:
-        return (a @ b.transpose(-1, -2)).max(dim=-1)
-    bt = b.transpose(-1, -2)
-    vals, idxs = [], []
-    for start in range(0, a.shape[1], rows):
-        v, i = (a[:, start : start + rows] @ bt).max(dim=-1)
-        vals.append(v)
-        idxs.append(i)
-    return torch.cat(vals, dim=1), torch.cat(idxs, dim=1)
+    return kernels.best_match(a, b, normalize, tile)
 
 
 def expand_rows(idx: torch.Tensor, batch: int) -> torch.Tensor:
@@ -97,28 +92,15 @@ class TokenReduction:
                                         (self.dst_idx, self.keep_idx, self.fold_idx, self.fold_target, self.source)))
 
     def reduce(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        """mode "mean": folded sources are averaged into their destination; "drop": they are dropped."""
-        dst = gather_tokens(x, self.dst_idx)
-        if mode == "mean" and self.fold_idx.shape[1]:
-            # mean of each destination and the sources folded into it (scatter_add + counts: faster
-            # on CPU than scatter_reduce("mean"), same result)
-            b, r = x.shape[0], self.fold_idx.shape[1]
-            src = gather_tokens(x, self.fold_idx)
-            dst = dst.scatter_add(1, self.fold_target[..., None].expand(b, r, x.shape[-1]), src)
-            count = x.new_ones(self.fold_target.shape[0], self.dst_idx.shape[1], 1)
-            count.scatter_add_(1, self.fold_target[..., None], x.new_ones(self.fold_target.shape[0], r, 1))
-            dst = dst / count
-        elif mode not in ("mean", "drop"):
+        """mode "mean": folded sources are averaged into their destination; "drop": they are dropped.
+        (The op `diffaccel::merge`: one fused pass on CUDA.)"""
+        if mode not in ("mean", "drop"):
             raise ValueError(f"reduce mode must be 'mean' or 'drop', got {mode!r}")
-        return torch.cat([gather_tokens(x, self.keep_idx), dst], dim=1)
+        return kernels.merge(x, self.keep_idx, self.dst_idx, self.fold_idx, self.fold_target, mode)
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
-        nk = self.keep_idx.shape[1]
-        out = y.new_empty(y.shape[0], self.n, y.shape[-1])
-        scatter_tokens(out, self.keep_idx, y[:, :nk])
-        scatter_tokens(out, self.dst_idx, y[:, nk:])
-        scatter_tokens(out, self.fold_idx, gather_tokens(y, self.source))
-        return out
+        """(The op `diffaccel::unmerge`: one gather pass from the inverse map on CUDA.)"""
+        return kernels.unmerge(y, self.keep_idx, self.dst_idx, self.fold_idx, self.source, self.n)
 
 
 def _fold_most_similar(metric: torch.Tensor, dst_idx: torch.Tensor, src_idx: torch.Tensor, r: int, n: int,
