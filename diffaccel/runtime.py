@@ -426,7 +426,7 @@ class Tracker:
             self.adapter.cfg_layout == "batched" and _guidance(pipe, local)
         branches = ("cond_uncond",) if batched else ("cond", "uncond") if self.adapter.cfg_layout == "separate" \
             else ("cond",)
-        frame = StepFrame(batched, self.adapter.cond_half)
+        frame = StepFrame()
         self.step_key.fill_(clock.step)
         for branch in branches:  # (each branch logs apart, and keeps its own per-run state)
             state = self.state.setdefault(("branch", branch), {})
@@ -576,8 +576,7 @@ class StepFrame:
     """The decisions of one step of a compiled denoiser, made outside it by `Tracker.prepare`: per CFG
     branch a context, each site's program and each skippable block's."""
 
-    def __init__(self, cfg_batched: bool, cond_half: str):
-        self.cfg_batched, self.cond_half = cfg_batched, cond_half
+    def __init__(self):
         self.contexts: dict[str, Context] = {}
         self.sites: dict[str, dict[int, SiteProgram]] = {}
         self.blocks: dict[str, dict[str, tuple | None]] = {}
@@ -591,7 +590,6 @@ class SiteProgram:
     params: list
     choice: str | None = None  # the plan's value (a string: a compiled graph guards its value exactly)
     entry: CacheEntry | None = None
-    key: tuple | None = None
 
 
 PLANS = {plan.value: plan for plan in Plan}
@@ -805,7 +803,7 @@ class SiteHook(Hook):
                 entry = CacheEntry(None, ctx.step, None, method.cycle_end(ctx, p))
                 self.tracker.cache[key] = entry
             prog.params[self.caching] = method.compiled_params(self.site, ctx, p, entry, plan)
-            prog.choice, prog.entry, prog.key = plan.value, entry, key
+            prog.choice, prog.entry = plan.value, entry
         return prog
 
     def pre_forward(self, module, args, kwargs) -> Prepared | None:
