@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..metrics import psnr
 from . import data
 from .models import IMAGE_SIZE, make_text_encoder, make_tokenizer, make_transformer, make_unet, make_vae
 
@@ -285,9 +286,8 @@ def train_vae(steps: int, full_steps: int, seed: int, log: dict, quiet: bool):
         rec = vae.decode(vae.encode(held).latent_dist.mode()).sample.clamp(-1, 1)
         eval_rec = vae.decode(vae.encode(eval_images).latent_dist.mode()).sample.clamp(-1, 1)
     vae.register_to_config(scaling_factor=round(float(1 / z.std()), 5))
-    mse = F.mse_loss(rec, held).item()
     log["vae"]["scaling_factor"] = vae.config.scaling_factor
-    log["vae"]["held_out_psnr_db"] = round(10 * math.log10(4 / mse), 2)
+    log["vae"]["held_out_psnr_db"] = round(psnr(rec, held, data_range=2.0), 2)  # images in [-1, 1]
     log["vae"]["caption_score_of_reconstructions"] = round(
         float(data.follows_caption(eval_rec, eval_scenes).float().mean()), 3)
     if not quiet:
