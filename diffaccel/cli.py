@@ -5,8 +5,10 @@ and `diffaccel calibrate` (the cost model's constants measured on this device)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import statistics
+import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -46,9 +48,81 @@ def _load_model(name: str, weights: str | None):
     return load_reference_pipeline(name, path=weights), 256, 20, MODELS[name]
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """diffusers' and transformers' logging at errors only, and transformers' weight-loading progress bar
+    off, for the duration of a run; the user's settings come back afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    verbosity, bar = (dlog.get_verbosity(), tlog.get_verbosity()), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(verbosity[0])
+        tlog.set_verbosity(verbosity[1])
+        if bar:
+            tlog.enable_progress_bar()
+
+
+def _finite(value):
+    """The value with inf and NaN as null, anywhere inside: JSON has neither (PSNR of identical images is inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _machine() -> dict:
+    """What the timings depend on: versions, platform, threads."""
+    import platform
+
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {"diffaccel": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+GRID_ROWS = 8  # grid.png shows at most this many images of the batch per configuration
+
+
+def _write_run(out_dir: Path, args: argparse.Namespace, what: str, prompts: list[str], rows: list[dict],
+               images: list[torch.Tensor]) -> str:
+    """Each configuration's first image as a PNG, grid.png (a column per configuration, captioned with
+    speed-up and PSNR) and report.json into `out_dir`; returns what the grid leaves out ('' if nothing)."""
+    from .images import image_grid, to_pil
+
+    for k, (row, imgs) in enumerate(zip(rows, images)):
+        row["images"] = [f"{k:02d}_{re.sub(r'[^A-Za-z0-9._=-]+', '_', row['label'])}.png"]
+        to_pil(imgs[0]).save(out_dir / row["images"][0])
+    captions = ["baseline"] + [f"{r['label']}\n{r['speedup']:.2f}x · " + (
+        f"{r['psnr']:.1f} dB" if math.isfinite(r["psnr"]) else "identical") for r in rows[1:]]
+    image_grid(list(zip(captions, images)), max_rows=GRID_ROWS).save(out_dir / "grid.png")
+    shown = min(len(prompts), GRID_ROWS)
+    report = {"command": "diffaccel " + " ".join(args.argv), "model": args.model, "model_description": what,
+              "weights": args.weights, "size": args.size, "steps": args.steps, "repeats": args.repeats,
+              "prompts": prompts, "seeds": [args.seed + i for i in range(len(prompts))], "machine": _machine(),
+              "grid": {"file": "grid.png", "columns": [r["label"] for r in rows], "rows": shown}, "rows": rows}
+    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+    return f" (the grid shows the first {shown} of {len(prompts)} images)" if shown < len(prompts) else ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import accelerate_pipeline, describe, load_config, remove_acceleration
-    from .metrics import psnr, relative_error, time_call
+    from .config import config_dict
+    from .metrics import fidelity, time_call
+    from .reference.evaluate import call_kwargs
 
     torch.set_num_threads(args.threads) if args.threads else None
     # each row: (its label, the method spec); saved acceleration files are read before anything runs
@@ -61,49 +135,61 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--config {path}: {e}") from None
     if args.captions and args.model == "random-sd":
         raise SystemExit("--captions needs a reference model (--model unet or dit): they know the captions")
-    pipe, size, steps, what = _load_model(args.model, args.weights)
-    args.size, args.steps = args.size or size, args.steps or steps
-    if args.captions:
-        from .reference import data
+    out_dir = Path(args.out).absolute()  # made now: a bad --out fails before the run, not after it
+    if out_dir.suffix == ".json" and not out_dir.is_dir():
+        raise SystemExit(f"--out is a folder for grid.png and report.json, got {args.out}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: {e}") from None
+    with quiet_libraries():
+        pipe, size, steps, what = _load_model(args.model, args.weights)
+        args.size, args.steps = args.size or size, args.steps or steps
+        if args.captions:
+            from .reference import data
 
-        prompts = [s.caption for s in data.evaluation_scenes(args.captions, seed=1)]
-        print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, {len(prompts)} held-out captions")
-    else:
-        prompts = [args.prompt] * args.batch
-        print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, prompt {args.prompt!r}")
+            prompts = [s.caption for s in data.evaluation_scenes(args.captions, seed=1)]
+            print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, {len(prompts)} held-out captions")
+        else:
+            prompts = [args.prompt] * args.batch
+            print(f"model: {what}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
+                  f"prompt {args.prompt!r}")
+        extra = call_kwargs(pipe)
 
-    def generate():
-        gen = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
-        return pipe(prompts, num_inference_steps=args.steps, height=args.size, width=args.size,
-                    generator=gen, output_type="pt").images
+        def generate():
+            gen = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+            return pipe(prompts, num_inference_steps=args.steps, height=args.size, width=args.size,
+                        generator=gen, output_type="pt", **extra).images
 
-    t_base, base = time_call(generate, repeats=args.repeats)
-    rows = [("baseline", t_base, 1.0, float("inf"), 0.0)]
-    said: dict[str, list[str]] = {}  # what each method warned about (acting nowhere, ...)
-    for spec, method in settings:
-        # the baseline again, just before: a drift of the machine's speed then hits both sides of the ratio
-        t_ref, _ = time_call(generate, repeats=args.repeats, warmup=0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            accelerate_pipeline(pipe, method)
-            t, out = time_call(generate, repeats=args.repeats)
-        said[spec] = list(dict.fromkeys(str(w.message) for w in caught if _ours(w)))
-        if args.describe:
-            print(describe(pipe))
-        remove_acceleration(pipe)
-        rows.append((spec, t, t_ref / t, statistics.mean(psnr(o, b) for o, b in zip(out, base)),
-                     relative_error(out, base)))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"command": "diffaccel " + " ".join(args.argv), "rows": [
-            dict(config=n, seconds=t, speedup=sp, psnr=p, rel_error=e) for n, t, sp, p, e in rows]}, indent=1) + "\n")
-    print(f"\n{'method':<28}{'time/s':>9}{'speed-up':>10}{'PSNR/dB':>10}{'rel.err':>9}")
-    for name, t, sp, p, e in rows:
-        print(f"{name:<28}{t:>9.2f}{sp:>9.2f}x{p:>10.1f}{e:>9.4f}")
-    notes = [f"{spec}: {message}" for spec, messages in said.items() for message in messages]
+        t_base, base = time_call(generate, repeats=args.repeats)
+        rows = [dict(label="baseline", method=None, seconds=t_base, speedup=1.0, **fidelity(base, base), notes=[])]
+        images = [base]
+        for spec, method in settings:
+            # the baseline again, just before: a drift of the machine's speed then hits both sides of the ratio
+            t_ref, _ = time_call(generate, repeats=args.repeats, warmup=0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                accelerate_pipeline(pipe, method)
+                t, out = time_call(generate, repeats=args.repeats)
+            if args.describe:
+                print(describe(pipe))
+            remove_acceleration(pipe)
+            # what the method warned about (acting nowhere, ...)
+            notes = list(dict.fromkeys(str(w.message) for w in caught if _ours(w)))
+            rows.append(dict(label=spec, method=config_dict(method)["methods"], seconds=t, speedup=t_ref / t,
+                             **fidelity(out, base), notes=notes))
+            images.append(out)
+    grid_note = _write_run(out_dir, args, what, prompts, rows, images)
+    print(f"\n{'method':<28}{'time/s':>9}{'speed-up':>10}{'PSNR/dB':>10}{'SSIM':>8}{'rel.err':>9}")
+    for r in rows:
+        print(f"{r['label']:<28}{r['seconds']:>9.2f}{r['speedup']:>9.2f}x{r['psnr']:>10.1f}{r['ssim']:>8.4f}"
+              f"{r['rel_error']:>9.4f}")
+    notes = [f"{r['label']}: {message}" for r in rows for message in r["notes"]]
     if notes:
         print("\n" + "\n".join(notes) + "\n(--describe shows what acted at each site and step)")
     print("\n(each speed-up is against a baseline run timed just before that method; CPU timings are noisy:"
           " compare the ratios of one run, not absolute times, and raise --repeats for steadier ones)")
+    print(f"\nwrote grid.png and report.json to {out_dir}{grid_note}")
     return 0
 
 
@@ -185,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--threads", type=int, default=0)
     run.add_argument("--describe", action="store_true", help="print describe() of each accelerated pipeline")
-    run.add_argument("--out", default=None, help="also write the table as JSON here (with the command)")
+    run.add_argument("--out", default="diffaccel-run", metavar="DIR",
+                     help="folder (made if missing) for grid.png (the baseline and each method side by side, "
+                          "captioned with speed-up and PSNR), report.json (the command, the machine, a row per "
+                          "configuration) and each configuration's first image (default: ./diffaccel-run/)")
     run.set_defaults(func=cmd_run)
 
     from .bench import add_bench_parser

@@ -37,7 +37,8 @@ def test_from_pretrained_safetensors_round_trip(source, tmp_path, request):
 
 
 @pytest.mark.slow
-def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
+def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # each run writes ./diffaccel-run/
     assert main(["run", "--model", "random-sd", "--size", "128", "--steps", "2", "--methods", "tome",
                  "todo:factor=2,mode=avg"]) == 0
     out = capsys.readouterr().out
@@ -58,9 +59,10 @@ def test_main_job_prints_speedup_and_fidelity(capsys, smoke_weights):
     assert "todo: todo acted on no site" not in out
 
 
-def test_run_reads_saved_accelerations_and_refuses_a_bad_file(tmp_path, capsys):
+def test_run_reads_saved_accelerations_and_refuses_a_bad_file(tmp_path, capsys, monkeypatch):
     from diffaccel import save_config
 
+    monkeypatch.chdir(tmp_path)  # the run writes ./diffaccel-run/
     path = save_config(tmp_path / "fast.json", ["todo", "fora"], factor=3.0)
     assert main(["run", "--model", "random-sd", "--size", "128", "--steps", "2", "--config", str(path)]) == 0
     table = capsys.readouterr().out
@@ -70,80 +72,102 @@ def test_run_reads_saved_accelerations_and_refuses_a_bad_file(tmp_path, capsys):
         main(["run", "--model", "random-sd", "--config", str(tmp_path / "bad.json")])
 
 
+def _strict_json(text: str):
+    """json.loads that refuses Infinity and NaN, which json.dumps writes but JSON does not have."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_run_out_writes_grid_and_report_without_caption_notices(tmp_path, capfd, monkeypatch):
+    from diffusers.utils import logging as dlog
+    from PIL import Image
+    from transformers.utils import logging as tlog
+
+    from diffaccel.images import PAD
+
+    out = tmp_path / "x"
+    dlog.set_verbosity_warning()  # the library default, under which PixArt's clean_caption notices show
+    before = (dlog.get_verbosity(), tlog.get_verbosity(), tlog.is_progress_bar_enabled())
+    assert main(["run", "--model", "dit", "--size", "128", "--steps", "2", "--batch", "2", "--methods", "fora",
+                 "todo:factor=2,mode=avg", "--out", str(out)]) == 0
+    printed, err = capfd.readouterr()
+    # PixArt's caption cleaning notices (two per call) and the weight-loading bar are gone; the user's
+    # logging settings are back
+    for noise in ("clean_caption", "Beautiful Soup", "ftfy", "Loading weights"):
+        assert noise not in printed + err
+    assert (dlog.get_verbosity(), tlog.get_verbosity(), tlog.is_progress_bar_enabled()) == before
+    assert f"wrote grid.png and report.json to {out}" in printed and "SSIM" in printed
+    grid = Image.open(out / "grid.png")
+    grid.verify()
+    grid = Image.open(out / "grid.png")
+    assert grid.format == "PNG" and grid.width == PAD + 3 * (128 + PAD)  # baseline + 2 methods
+    assert 2 * (128 + PAD) < grid.height < 3 * (128 + PAD)  # 2 rows under the captions
+    report = _strict_json((out / "report.json").read_text())
+    assert report["command"].startswith("diffaccel run --model dit") and report["steps"] == 2
+    assert report["size"] == 128 and report["seeds"] == [0, 1] and len(report["prompts"]) == 2
+    assert {"torch", "diffusers", "diffaccel", "platform", "threads"} <= set(report["machine"])
+    rows = report["rows"]
+    assert [r["label"] for r in rows] == ["baseline", "fora", "todo:factor=2,mode=avg"]
+    assert rows[0]["psnr"] is None and rows[0]["ssim"] == 1 and rows[0]["rel_error"] == 0
+    assert rows[2]["method"][0]["method"] == "todo" and rows[2]["method"][0]["mode"] == "avg"
+    assert 10 < rows[2]["psnr"] < 100 and 0 < rows[2]["ssim"] < 1 and rows[2]["rel_error"] > 0
+    for r in rows:
+        assert r["seconds"] > 0 and r["speedup"] > 0 and isinstance(r["notes"], list)
+        assert Image.open(out / r["images"][0]).size == (128, 128)
+
+
+@pytest.mark.slow
+def test_run_writes_to_diffaccel_run_by_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--model", "random-sd", "--size", "64", "--steps", "1", "--methods", "tome"]) == 0
+    assert f"wrote grid.png and report.json to {tmp_path / 'diffaccel-run'}" in capsys.readouterr().out
+    assert {"grid.png", "report.json", "00_baseline.png", "01_tome.png"} <= {
+        p.name for p in (tmp_path / "diffaccel-run").iterdir()}
+
+
+def test_run_out_is_a_folder(tmp_path):
+    with pytest.raises(SystemExit, match="--out is a folder"):
+        main(["run", "--model", "random-sd", "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_image_grid_lays_out_columns_and_rows_under_captions():
+    from PIL import ImageChops
+
+    from diffaccel.images import PAD, image_grid, to_pil
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 128, 128, generator=gen), torch.rand(3, 3, 128, 128, generator=gen)
+    grid = image_grid([("baseline", a), ("todo:factor=2,mode=avg\n1.85x · 31.9 dB", b)])
+    assert grid.width == PAD + 2 * (128 + PAD)
+    top = grid.height - 3 * (128 + PAD)  # 3 rows under the captions
+    assert top > PAD
+    # row k of column j is image k of column j, unchanged
+    for j, images in enumerate((a, b)):
+        for k in range(3):
+            x, y = PAD + j * (128 + PAD), top + k * (128 + PAD)
+            assert ImageChops.difference(grid.crop((x, y, x + 128, y + 128)), to_pil(images[k])).getbbox() is None
+    # captions are drawn above their columns, and a long label wraps onto more lines
+    caption = grid.crop((PAD + 128 + PAD, 0, grid.width, top)).convert("L")
+    assert caption.getextrema()[0] < 100
+    long = image_grid([("baseline", a), ("duca:aggressive=sublayers,interval=3,ratio=0.75,warmup=2\n1x", b)])
+    assert long.height > grid.height and long.width == grid.width
+    # at most max_rows rows, and a footer saying so
+    capped = image_grid([("baseline", a), ("todo:factor=2,mode=avg\n1.85x · 31.9 dB", b)], max_rows=2)
+    assert 2 * (128 + PAD) < capped.height - top < 3 * (128 + PAD)
+    with pytest.raises(ValueError, match=r"one shape.*'b' has \(2, 3, 128, 128\)"):
+        image_grid([("a", a), ("b", b[:2])])
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        image_grid([("a", a[0])])
+
+
 def test_method_arg_parsing():
     assert _method_arg("tome") == "tome"
     assert _method_arg("tome:ratio=0.6,use_rand=false") == {"method": "tome", "ratio": 0.6, "use_rand": False}
     assert _method_arg("todo:mode=max") == {"method": "todo", "mode": "max"}
-
-
-@pytest.mark.slow
-def test_bench_smoke_writes_a_report(tmp_path):
-    out = tmp_path / "r.json"
-    assert main(["bench", "--arch", "tiny-sd", "--sizes", "256", "--batch", "2", "--repeats", "1", "--warmup", "0",
-                 "--out", str(out)]) == 0
-    rep = json.loads(out.read_text())
-    labels = [r["config"] for r in rep["results"]]
-    assert labels[0] == "baseline" and any(lbl.startswith("tomesd") for lbl in labels)
-    assert all(r["rel_error"] >= 0 for r in rep["results"]) and rep["results"][0]["rel_error"] == 0
-    assert main(["bench", "--arch", "tiny-sd", "--sizes", "256", "--batch", "2", "--repeats", "1", "--warmup", "0",
-                 "--cfg", "--only", "tome", "--out", str(out)]) == 0
-    rep = json.loads(out.read_text())
-    assert rep["cfg_pairs"] and [r["config"] for r in rep["results"]] == [
-        "baseline", "tomesd ratio=0.5", "diffaccel tome ratio=0.5"]
-    assert rep["command"].startswith("diffaccel bench --arch tiny-sd")
-
-
-@pytest.mark.slow
-def test_caching_bench_counts_flops_on_meta_and_times_whole_runs(tmp_path):
-    out = tmp_path / "c.json"
-    assert main(["bench", "--arch", "tiny-pixart", "--flop-steps", "6", "--steps", "6", "--repeats", "1", "--warmup",
-                 "0", "--out", str(out)]) == 0
-    rep = json.loads(out.read_text())
-    flops = rep["flops"]["6"]
-    assert flops["baseline"]["speedup"] == 1.0
-    assert flops["fora N=3"]["speedup"] > 1.5 and flops["toca N=3 R=0.3"]["speedup"] > 1.0
-    assert flops["toca idle (warmup >= steps)"]["flops"] == flops["baseline"]["flops"]
-    rows = {r["config"]: r for r in rep["latency"]}
-    assert rows["baseline"]["rel_error_last_step"] == 0 and rows["fora N=3"]["flop_speedup"] > 1.5
-    assert rows["toca idle (warmup >= steps)"]["rel_error_last_step"] == 0
-
-
-def test_full_depth_flux_is_for_flop_counts_only():
-    from diffaccel.bench import caching_arch
-
-    with torch.device("meta"):
-        model, inputs = caching_arch("flux-dev")
-    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
-    assert inputs(1, 0, 50, "meta")["hidden_states"].shape == (1, 64 * 64, 64)  # 1024 px
-    for extra in (["--steps", "5"], ["--steps", "0", "--peers"], ["--steps", "0", "--tokens"]):
-        with pytest.raises(SystemExit, match="FLOP counts only"):
-            main(["bench", "--arch", "flux-dev", *extra])
-
-
-@pytest.mark.slow
-def test_token_bench_counts_flops_and_times_one_call_per_configuration(tmp_path):
-    out = tmp_path / "t.json"
-    assert main(["bench", "--arch", "tiny-pixart", "--tokens", "--sizes", "128", "--repeats", "1", "--warmup", "0",
-                 "--only", "tome", "todo", "--out", str(out)]) == 0
-    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"baseline", "tome default", "tome ratio=0.6", "tome ratio=0.75", "todo default",
-                         "todo factor=3", "todo factor=4"}
-    # the tiny model is below the cost model's threshold: the defaults leave it alone, explicit settings act
-    assert rows["tome default"]["flops"] == rows["baseline"]["flops"] and rows["tome default"]["rel_error"] == 0
-    assert rows["tome ratio=0.75"]["flop_speedup"] > rows["tome ratio=0.6"]["flop_speedup"] > 1.2
-    assert rows["todo factor=4"]["flop_speedup"] > 1.2 and rows["todo factor=4"]["rel_error"] > 0
-
-
-@pytest.mark.slow
-def test_peer_bench_runs_ours_beside_cache_dit_and_diffusers_caches(tmp_path):
-    out = tmp_path / "p.json"
-    assert main(["bench", "--arch", "tiny-flux", "--peers", "--sizes", "128", "--steps", "9", "--out", str(out)]) == 0
-    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["baseline"]["rel_error"] == 0 and rows["baseline"]["flop_speedup"] == 1.0
-    assert rows["diffaccel fora N=3"]["flop_speedup"] > 2
-    # cache-dit's static mask computes steps 0, 3, 6 and the last, its first block every step
-    assert 1.3 < rows["cache-dit DBCache static mask 1/3"]["flop_speedup"] < 2.5
-    assert all(0 < r["rel_error"] < 1 for k, r in rows.items() if k != "baseline" and r["flop_speedup"] > 1.01)
 
 
 def test_readme_support_table_matches_the_code():

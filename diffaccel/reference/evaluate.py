@@ -18,8 +18,11 @@ def denoiser_of(pipe) -> torch.nn.Module:
 
 
 def call_kwargs(pipe) -> dict:
-    """Extra call arguments: PixArt's caption cleaning needs optional packages and changes nothing here."""
-    return {"clean_caption": False} if hasattr(pipe, "transformer") else {}
+    """Extra call arguments: clean_caption=False where the pipeline takes it (PixArt): its caption
+    cleaning needs bs4 and ftfy, and without them it logs two notices per call and cleans nothing."""
+    import inspect
+
+    return {"clean_caption": False} if "clean_caption" in inspect.signature(pipe.__call__).parameters else {}
 
 
 def random_weight_copy(pipe, seed: int = 0):

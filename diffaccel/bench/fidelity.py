@@ -1,0 +1,420 @@
+"""`diffaccel bench fidelity`: every method and every peer at several strengths on one pipeline, in one
+interleaved run: speed-up, FLOPs, peak memory and fidelity against the baseline of the same seeds.
+
+The pipeline is a trained reference model (`--model dit` / `unet`, the default: they really denoise,
+so an error means something, and they know their captions, so caption following is measured too), the
+random-weight SD default (`random-sd`), or a saved pipeline folder / hub id (`from_pretrained`,
+safetensors). Each setting (ours, a peer, or the baseline) generates the same prompts with the same
+seeds; a baseline run every few settings brackets them, so each speed-up is against the mean of the
+baseline runs just before and just after it and a slow drift of the machine cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import metrics
+from .common import command_line, machine, versions
+
+NAME = "fidelity"
+MODELS = ("dit", "unet", "random-sd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Our methods at three strengths each (mild, medium, strong), then compositions of a token method
+# with a caching method. An explicit strength acts wherever the policy selects (no cost-model veto).
+STRENGTHS: dict[str, list[tuple[str, dict]]] = {
+    "tome": [(f"ratio={r}", {"ratio": r}) for r in (0.3, 0.5, 0.7)],
+    "todo": [(f"factor={f}", {"factor": float(f)}) for f in (2, 3, 4)],
+    "sito": [(f"ratio={r}", {"ratio": r}) for r in (0.3, 0.5, 0.7)],
+    "fora": [(f"N={n}", {"interval": n}) for n in (2, 3, 4)],
+    "toca": [(f"N={n} R={r}", {"interval": n, "fresh_ratio": r}) for n, r in ((2, 0.5), (3, 0.3), (4, 0.1))],
+    "duca": [(f"N={n} R={r}", {"interval": n, "fresh_ratio": r}) for n, r in ((2, 0.75), (3, 0.5), (4, 0.25))],
+}
+COMPOSED: list[tuple[str, list[dict]]] = [
+    ("tome ratio=0.5 + fora N=3", [{"method": "tome", "ratio": 0.5}, {"method": "fora", "interval": 3}]),
+    ("todo factor=2 + toca N=3 R=0.3", [{"method": "todo", "factor": 2.0},
+                                        {"method": "toca", "interval": 3, "fresh_ratio": 0.3}]),
+    ("sito ratio=0.5 + fora N=3", [{"method": "sito", "ratio": 0.5}, {"method": "fora", "interval": 3}]),
+    ("tome ratio=0.5 + duca N=3 R=0.5", [{"method": "tome", "ratio": 0.5},
+                                         {"method": "duca", "interval": 3, "fresh_ratio": 0.5}]),
+]
+
+
+@dataclass
+class Setting:
+    """One row of the benchmark: ours (`spec`), a peer (`peer`), or the baseline (neither)."""
+
+    label: str
+    family: str  # "baseline", "diffaccel" or the peer's project name
+    method: str
+    strength: dict = field(default_factory=dict)
+    spec: object = None
+    peer: object = None
+    unavailable: str | None = None
+
+
+def our_settings(names: list[str] | None = None, composed: bool = True) -> list[Setting]:
+    """Every method of the registry at its three strengths (the methods named, when given), then the
+    compositions."""
+    from ..methods import available_methods
+
+    methods = names or [m for m in STRENGTHS if m in available_methods()]
+    rows = []
+    for m in methods:
+        if m not in STRENGTHS:
+            raise SystemExit(f"diffaccel bench fidelity: no strengths listed for method {m!r}; "
+                             f"available: {sorted(STRENGTHS)} (or give --specs)")
+        rows += [Setting(f"{m} {tag}", "diffaccel", m, dict(opts), {"method": m, **opts}) for tag, opts in STRENGTHS[m]]
+    if composed and not names:
+        rows += [Setting(label, "diffaccel", "+".join(s["method"] for s in specs), {"methods": specs}, specs)
+                 for label, specs in COMPOSED]
+    return rows
+
+
+def spec_settings(texts: list[str], configs: list[str]) -> list[Setting]:
+    """Rows for --specs ('tome:ratio=0.6') and --config files (saved accelerations)."""
+    from .. import load_config
+    from ..cli import _method_arg
+
+    rows = []
+    for text in texts:
+        spec = _method_arg(text)
+        name = spec if isinstance(spec, str) else spec["method"]
+        rows.append(Setting(text, "diffaccel", name, {} if isinstance(spec, str) else
+                            {k: v for k, v in spec.items() if k != "method"}, spec))
+    for path in configs:
+        try:
+            spec = load_config(path)
+        except (OSError, TypeError, ValueError) as e:
+            raise SystemExit(f"--config {path}: {e}") from None
+        rows.append(Setting(Path(path).name, "diffaccel", "config", {"file": str(path)}, spec))
+    return rows
+
+
+def peer_settings(kind: str, steps: int, names: list[str] | None) -> list[Setting]:
+    from . import peers as peer_rows
+
+    rows = []
+    for p in peer_rows.peer_settings(kind, steps):
+        if names is not None and not any(n.lower() in (p.peer + " " + p.method).lower() for n in names):
+            continue
+        rows.append(Setting(p.label, p.peer, p.method, dict(p.strength), peer=p, unavailable=p.unavailable))
+    return rows
+
+
+# -- the pipeline and its prompts ------------------------------------------------------------------
+
+
+def load_pipeline(model: str, weights: str | None, device: str, dtype: torch.dtype):
+    """(pipeline, kind "unet"/"dit", whether it is a reference model)."""
+    if model in ("dit", "unet"):
+        from ..reference import load_reference_pipeline
+
+        pipe, reference = load_reference_pipeline(model, path=weights), True
+    elif model == "random-sd":
+        from ..testing import default_pipeline
+
+        pipe, reference = default_pipeline(), False
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe, reference = DiffusionPipeline.from_pretrained(model, use_safetensors=True), False
+        pipe.set_progress_bar_config(disable=True)
+    if device != "cpu" or dtype != torch.float32:
+        pipe.to(device, dtype)
+    kind = "unet" if getattr(pipe, "unet", None) is not None else "dit"
+    return pipe, kind, reference
+
+
+def prompts_and_scenes(args: argparse.Namespace, reference: bool) -> tuple[list[str], list | None]:
+    if args.prompts:
+        lines = [s.strip() for s in Path(args.prompts).read_text().splitlines() if s.strip()]
+        if not lines:
+            raise SystemExit(f"--prompts {args.prompts}: no prompts in the file (one per line)")
+        return lines, None
+    if reference:
+        from ..reference import data
+
+        scenes = data.evaluation_scenes(args.captions, seed=1)  # held out of training
+        return [s.caption for s in scenes], scenes
+    return [args.prompt] * args.captions, None
+
+
+def generate(call, pipe, prompts: list[str], args: argparse.Namespace) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] on the CPU, float32; prompt i gets the noise of seed `args.seed + i`."""
+    from ..reference.evaluate import call_kwargs
+
+    out = []
+    for start in range(0, len(prompts), args.batch):
+        chunk = prompts[start:start + args.batch]
+        gens = [torch.Generator(args.device).manual_seed(args.seed + start + i) for i in range(len(chunk))]
+        with torch.no_grad():
+            images = call(prompt=chunk, num_inference_steps=args.steps, height=args.size, width=args.size,
+                          guidance_scale=args.guidance, generator=gens, output_type="pt", **call_kwargs(pipe)).images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of a block above its start: CUDA's allocator statistics on a GPU; on the CPU the
+    process's resident set, sampled every 20 ms in a thread (None without psutil)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        try:
+            import psutil
+        except ImportError:
+            self._thread = None
+            return self
+        proc = psutil.Process()
+        self._start = self._max = proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self._max = max(self._max, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = self._max - self._start
+        return False
+
+
+def timed(fn, device: str) -> tuple[object, float]:
+    """(fn(), seconds): CUDA events on a GPU, the wall clock on the CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def count_flops(fn, denoiser: str) -> tuple[int, int]:
+    """FLOPs of fn() (matrix products and convolutions, torch.utils.flop_counter): in all, and in the
+    module named `denoiser` (its class name: the counter's top-level module names)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), sum(counter.get_flop_counts().get(denoiser, {}).values())
+
+
+@contextlib.contextmanager
+def applied(setting: Setting, pipe, steps: int):
+    """The setting installed on the pipeline for the block, removed after (also on error); yields the
+    callable that generates (the pipeline, or the peer's own entry point) and the warnings it gave."""
+    from .. import accelerate_pipeline, remove_acceleration
+
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        if setting.spec is not None:
+            accelerate_pipeline(pipe, setting.spec)
+            remove, call = (lambda: remove_acceleration(pipe)), None
+        elif setting.peer is not None:
+            from . import peers as peer_rows
+
+            remove, call = peer_rows.install(setting.peer, pipe, steps)
+        else:
+            remove, call = None, None
+        try:
+            yield (call or pipe), said
+        finally:
+            said += list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+            if remove is not None:
+                remove()
+
+
+def measure(setting: Setting, pipe, prompts: list[str], args: argparse.Namespace, flops: bool = True) -> dict:
+    """One setting's run: timed (repeats), FLOPs on the first --flop-captions prompts, peak memory."""
+    row = {"label": setting.label, "family": setting.family, "method": setting.method,
+           "strength": setting.strength, "status": "ok", "reason": None}
+    if setting.unavailable:
+        return {**row, "status": "unavailable", "reason": setting.unavailable}
+    try:
+        with applied(setting, pipe, args.steps) as (call, said):
+            times, images = [], None
+            for _ in range(args.repeats):
+                with PeakMemory(args.device) as mem:
+                    images, seconds = timed(lambda: generate(call, pipe, prompts, args), args.device)
+                times.append(seconds)
+            flop_prompts = prompts[:args.flop_captions] if args.flop_captions else []
+            counted = count_flops(lambda: generate(call, pipe, flop_prompts, args), args.denoiser) if (
+                flop_prompts and flops) else None
+    except Exception as e:  # a peer that cannot run on this model is a row saying why
+        if setting.family == "diffaccel" or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    row.update(seconds=statistics.median(times), seconds_all=times, peak_memory_bytes=mem.peak,
+               flops_per_image=counted and counted[0] / len(flop_prompts),
+               denoiser_flops_per_image=counted and counted[1] / len(flop_prompts), notes=said)
+    row["_images"] = images
+    return row
+
+
+def fidelity_of(row: dict, base: torch.Tensor, scenes) -> None:
+    images = row.pop("_images")
+    row.update(metrics.fidelity(images, base))
+    row["identical"] = bool(torch.equal(images, base))
+    if scenes is not None:
+        from ..reference import data
+
+        row["caption_following"] = float(data.follows_caption(images * 2 - 1, scenes).float().mean())
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..cli import quiet_libraries
+
+    with quiet_libraries():  # no notices per call from diffusers / transformers
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("diffaccel bench fidelity: --device cuda, but torch sees no CUDA device")
+    ours = spec_settings(args.specs, args.config) if (args.specs or args.config) else our_settings(
+        args.methods, composed=not args.no_composed)
+    pipe, kind, reference = load_pipeline(args.model, args.weights, args.device, DTYPES[args.dtype])
+    if args.size is None:
+        args.size = 256 if reference else 512
+    if args.guidance is None:
+        from ..reference.evaluate import GUIDANCE
+
+        args.guidance = GUIDANCE if reference else 7.5
+    prompts, scenes = prompts_and_scenes(args, reference)
+    args.denoiser = type(pipe.unet if kind == "unet" else pipe.transformer).__name__
+    peers = [] if args.no_peers else peer_settings(kind, args.steps, args.peers)
+    settings = [s for s in ours + peers if not args.only or any(o in s.label for o in args.only)]
+    base_setting = Setting("baseline", "baseline", "baseline")
+    record = {"suite": NAME, "command": command_line(args), "model": args.model, "kind": kind,
+              "reference": reference, "prompts": len(prompts), "steps": args.steps, "size": args.size,
+              "guidance": args.guidance, "dtype": args.dtype, "seed": args.seed, "repeats": args.repeats,
+              "flop_captions": args.flop_captions, "machine": machine(args.device), "versions": versions(),
+              "date": time.strftime("%Y-%m-%d"), "rows": []}
+    print(f"{args.model} ({kind}), {len(prompts)} prompts, {args.steps} steps, {args.size}px, {args.dtype} on "
+          f"{args.device}: baseline + {len(settings)} settings", flush=True)
+    for _ in range(args.warmup):  # untimed: first-call costs (allocations, lazy imports) land here
+        generate(pipe, pipe, prompts[:args.batch], args)
+    # the run order: a baseline, then every --baseline-every settings another one
+    order: list[Setting] = [base_setting]
+    for i, s in enumerate(settings):
+        order.append(s)
+        if (i + 1) % args.baseline_every == 0 or i == len(settings) - 1:
+            order.append(base_setting)
+    rows, base_rows, first_base = [], [], None
+    for setting in tqdm(order, desc="bench", unit="setting", disable=args.quiet):
+        row = measure(setting, pipe, prompts, args, flops=setting is not base_setting or first_base is None)
+        if setting is base_setting:
+            images = row.pop("_images")
+            if first_base is None:
+                first_base = images
+            # the pipeline must be exactly as it was after every setting was removed
+            row["reproduced"] = bool(torch.equal(images, first_base))
+            base_rows.append((len(rows), row))
+        else:
+            fidelity_of(row, first_base, scenes) if row["status"] == "ok" else None
+            rows.append(row)
+    base_flops = base_rows[0][1]["flops_per_image"]
+    base_denoiser_flops = base_rows[0][1]["denoiser_flops_per_image"]
+    for i, row in enumerate(rows):
+        if row["status"] != "ok":
+            continue
+        before = [b["seconds"] for k, b in base_rows if k <= i][-1]
+        after = next(b["seconds"] for k, b in base_rows if k > i)
+        row["baseline_seconds"] = (before + after) / 2
+        row["speedup"] = row["baseline_seconds"] / row["seconds"]
+        row["flop_speedup"] = (base_flops / row["flops_per_image"]) if base_flops and row["flops_per_image"] else None
+        row["denoiser_flop_speedup"] = (base_denoiser_flops / row["denoiser_flops_per_image"]
+                                        if base_denoiser_flops and row["denoiser_flops_per_image"] else None)
+    baseline = {**base_rows[0][1], "seconds_all": [b["seconds"] for _, b in base_rows],
+                "reproduced": all(b["reproduced"] for _, b in base_rows)}
+    baseline["seconds"] = baseline["baseline_seconds"] = statistics.median(baseline["seconds_all"])
+    baseline.update(speedup=1.0, flop_speedup=1.0, denoiser_flop_speedup=1.0, psnr=math.inf, ssim=1.0, ms_ssim=1.0, rel_error=0.0,
+                    identical=True)
+    if scenes is not None:
+        from ..reference import data
+
+        baseline["caption_following"] = float(data.follows_caption(first_base * 2 - 1, scenes).float().mean())
+    record["rows"] = [baseline] + rows
+    from .report import goal, markdown
+
+    record["goal"] = goal(record)
+    print(markdown(record), flush=True)
+    if not baseline["reproduced"]:
+        raise SystemExit("diffaccel bench fidelity: the baseline changed during the run: a setting was not removed "
+                         "cleanly (see the rows' 'reproduced')")
+    return record
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(NAME, help="every method and peer at three strengths on one pipeline: speed-up, FLOPs, peak "
+                                  "memory, PSNR/SSIM/MS-SSIM and caption following against the baseline; Pareto plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dit", help="dit or unet (the trained reference models), random-sd, or a "
+                                                  "pipeline folder / hub id (default: dit)")
+    p.add_argument("--weights", default=None, help="dit/unet: a folder written by the training script")
+    p.add_argument("--methods", nargs="*", default=None, help="our methods to run at their three strengths "
+                                                              f"(default: all of {sorted(STRENGTHS)} and compositions)")
+    p.add_argument("--specs", nargs="*", default=[], help="instead: our settings as `diffaccel run` takes them, e.g. "
+                                                          "tome:ratio=0.6 fora:interval=4")
+    p.add_argument("--config", nargs="*", default=[], metavar="FILE", help="instead: saved accelerations, one row each")
+    p.add_argument("--no-composed", action="store_true", help="leave out the compositions of two methods")
+    p.add_argument("--peers", nargs="*", default=None, help="peers to include by name (default: all for the model's "
+                                                            "kind; tomesd, DeepCache, T-GATE / cache-dit, diffusers)")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--only", nargs="*", help="keep only settings whose label contains one of these")
+    p.add_argument("--captions", type=int, default=32, help="held-out captions (reference models) or copies of "
+                                                            "--prompt (default 32)")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line (instead of the captions)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i gets seed + i")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=None, help="pixels (default: 256 for the reference models, else 512)")
+    p.add_argument("--guidance", type=float, default=None, help="default: 5 for the reference models, else 7.5")
+    p.add_argument("--batch", type=int, default=32, help="prompts per pipeline call")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median and spread)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed baseline calls of one batch first")
+    p.add_argument("--baseline-every", type=int, default=4, help="a baseline run after every N settings")
+    p.add_argument("--flop-captions", type=int, default=1, help="FLOPs are counted on a run over the first N prompts "
+                                                                "(0: not counted)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
