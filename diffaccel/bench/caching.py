@@ -39,12 +39,12 @@ def _run_steps(model, inputs, steps: int, device) -> torch.Tensor:
     return out
 
 
-def caching_flops(arch: str, steps: int, settings: list) -> dict[str, float]:
+def caching_flops(arch: str, steps: int, settings: list, size: int | None = None) -> dict[str, float]:
     """Total FLOPs of `steps` denoiser calls per configuration, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model, inputs = caching_arch(arch)
+        model, inputs = caching_arch(arch, size)
     flops = {}
     for label, spec in settings:
         install = (lambda m, spec=spec: ours(m, spec, "pixart" in arch, steps)) if spec else None
@@ -62,15 +62,15 @@ def run(args: argparse.Namespace) -> dict:
                 # installed, but its policy idle at every step: the cost of being there
                 ("toca idle (warmup >= steps)", {"method": "toca", "warmup": 10_000})]
     settings = only(settings, args.only)
-    report = report_header(args, flops={}, latency=[])
+    report = report_header(args, size=args.size, flops={}, latency=[])
     for steps in args.flop_steps:
-        flops = caching_flops(args.arch, steps, settings)
+        flops = caching_flops(args.arch, steps, settings, args.size)
         report["flops"][steps] = {k: {"flops": v, "speedup": flops["baseline"] / v} for k, v in flops.items()}
         for k, v in flops.items():
             print(f"FLOPs {steps:>3} steps  {k:<28} {v / 1e12:9.2f} TFLOP {flops['baseline'] / v:6.2f}x", flush=True)
     if args.steps:
         torch.manual_seed(0)
-        model, inputs = caching_arch(args.arch)
+        model, inputs = caching_arch(args.arch, args.size)
         configs = [(label, (lambda m, spec=spec: ours(m, spec, "pixart" in args.arch, args.steps)) if spec else None)
                    for label, spec in settings]
         times, runs = rounds(model, configs, [None] * args.repeats, args.warmup,
@@ -100,6 +100,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                   "architectures: FLOPs (meta device) and latency")
     p.add_argument("--arch", choices=CACHE_ARCHS, default="pixart-alpha",
                    help="flux-dev: FLUX.1-dev's full depth at 1024 px, FLOPs only (--steps 0)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: 256 for PixArt-alpha, "
+                                                          "512 for Flux 2+4, 1024 for flux-dev)")
     p.add_argument("--flop-steps", type=int, nargs="*", default=[20, 50],
                    help="step counts of the runs to count FLOPs of (none: skip)")
     p.add_argument("--steps", type=int, default=20, help="steps of the timed runs (0: FLOPs only)")

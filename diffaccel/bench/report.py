@@ -137,8 +137,9 @@ def markdown(record: dict) -> str:
     g = record.get("goal") or goal(record)
     if g["peers"]:
         verdict = "met" if g["met"] else "not met"
-        out += ["", f"Goal (at every speed-up a peer reaches, one of our settings has a higher PSNR): **{verdict}** "
-                    f"for {g['peers_beaten']} of {g['peers']} peer settings."]
+        out += ["", f"Goal (at every speed-up a peer reaches, one of our settings has a higher PSNR): **{verdict}**: "
+                    f"one of ours is as fast and closer to the baseline for {g['peers_beaten']} of {g['peers']} peer "
+                    "settings." + (" Not for:" if not g["met"] else "")]
         out += [f"- {c['peer']} ({c['speedup']:.2f}×, {_fmt(c['psnr'], '.2f')} dB): "
                 + ("no setting of ours is as fast" if c["ours"] is None else
                    f"{c['ours']} ({c['ours_speedup']:.2f}×, {_fmt(c['ours_psnr'], '.2f')} dB)")
@@ -178,7 +179,8 @@ def plot_pareto(record: dict, path: str | Path | None = None, y: str = "psnr", x
     seen = set()
     for r in rows:
         ours = r["family"] == OURS
-        key = r["method"] if ours else f"{r['family']} {r['method']}"
+        key = r["method"] if ours else r["family"] if r["method"].lower() in r["family"].lower() else (
+            f"{r['family']} {r['method']}")
         if ours and r["method"] not in METHOD_COLOURS:
             key = "ours, composed"
         ax.scatter(r[x], yval(r), s=46, c=_colour(r), marker="o" if ours else markers[(r["family"], r["method"])],
