@@ -29,7 +29,6 @@ def build_arch(name: str) -> torch.nn.Module:
     return sd1_unet().eval()  # "tiny-sd": the test-size U-Net, for smoke runs
 
 
-
 def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, object]:
     """(model, inputs(batch, step, num_steps, device) -> call kwargs), random weights, in eval mode.
     Built on the current default device (the FLOP count builds on "meta": nothing is computed).
@@ -85,13 +84,3 @@ def caching_arch(name: str, size: int | None = None) -> tuple[torch.nn.Module, o
                     guidance=torch.full((batch,), 3.5).to(device))
 
     return model.eval(), inputs
-
-
-def _run_steps(model, inputs, steps: int, device) -> torch.Tensor:
-    out = None
-    with torch.no_grad():
-        for step in range(steps):
-            out = model(**inputs(1, step, steps, device)).sample
-    return out
-
-

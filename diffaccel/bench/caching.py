@@ -30,7 +30,6 @@ PAPER_SETTINGS = {
 }
 
 
-
 def _run_steps(model, inputs, steps: int, device) -> torch.Tensor:
     out = None
     with torch.no_grad():
@@ -88,8 +87,6 @@ def run(args: argparse.Namespace) -> dict:
                   f"  (FLOPs {row['flop_speedup'] or float('nan'):.2f}x)  rel.err {row['rel_error_last_step']:.4f}",
                   flush=True)
     return report
-
-
 
 
 NAME = "caching"

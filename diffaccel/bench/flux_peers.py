@@ -101,8 +101,6 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-
-
 NAME = "flux-peers"
 
 

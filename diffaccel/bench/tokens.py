@@ -59,8 +59,6 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-
-
 NAME = "tokens"
 
 
