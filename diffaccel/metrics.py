@@ -63,7 +63,13 @@ def ssim_per_image(out: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0
 
     out, ref = _images(out, ref)
     values = structural_similarity_index_measure(out, ref, data_range=data_range, reduction="none")
-    return [float(v) for v in values.reshape(-1)]
+    return _exact_at_identity(values, out, ref)
+
+
+def _exact_at_identity(values: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """The values, with 1 exactly for identical images (float32 rounding gives 0.99999994)."""
+    same = (out == ref).flatten(1).all(1)
+    return [1.0 if s else float(v) for v, s in zip(values.reshape(-1), same)]
 
 
 def ms_ssim_scales(size: int) -> int:
@@ -90,7 +96,7 @@ def ms_ssim_per_image(out: torch.Tensor, ref: torch.Tensor, data_range: float = 
     betas = tuple(b / sum(betas) for b in betas)
     values = multiscale_structural_similarity_index_measure(out, ref, data_range=data_range, betas=betas,
                                                             reduction="none", normalize="relu")
-    return [float(v) for v in values.reshape(-1)]
+    return _exact_at_identity(values, out, ref)
 
 
 def fidelity(out: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> dict:
