@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         written = report.write(record, args.out)
         print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    return 1 if record.get("error") else 0
 
 
 def add_bench_parser(sub) -> None:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -45,8 +46,8 @@ COMPOSED: list[tuple[str, list[dict]]] = [
     ("todo factor=2 + toca N=3 R=0.3", [{"method": "todo", "factor": 2.0},
                                         {"method": "toca", "interval": 3, "fresh_ratio": 0.3}]),
     ("sito ratio=0.5 + fora N=3", [{"method": "sito", "ratio": 0.5}, {"method": "fora", "interval": 3}]),
-    ("tome ratio=0.5 + duca N=3 R=0.5", [{"method": "tome", "ratio": 0.5},
-                                         {"method": "duca", "interval": 3, "fresh_ratio": 0.5}]),
+    ("todo factor=2 + duca N=3 R=0.5", [{"method": "todo", "factor": 2.0},
+                                        {"method": "duca", "interval": 3, "fresh_ratio": 0.5}]),
 ]
 
 
@@ -276,9 +277,8 @@ def measure(setting: Setting, pipe, prompts: list[str], args: argparse.Namespace
             flop_prompts = prompts[:args.flop_captions] if args.flop_captions else []
             counted = count_flops(lambda: generate(call, pipe, flop_prompts, args), args.denoiser) if (
                 flop_prompts and flops) else None
-    except Exception as e:  # a peer that cannot run on this model is a row saying why
-        if setting.family == "diffaccel" or isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+    except Exception as e:  # a setting that cannot run on this model is a row saying why; the run goes on
+        print(f"{setting.label}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     row.update(seconds=statistics.median(times), seconds_all=times, peak_memory_bytes=mem.peak,
                flops_per_image=counted and counted[0] / len(flop_prompts),
@@ -331,7 +331,7 @@ def _run(args: argparse.Namespace) -> dict:
     print(f"{args.model} ({kind}), {len(prompts)} prompts, {args.steps} steps, {args.size}px, {args.dtype} on "
           f"{args.device}: baseline + {len(settings)} settings", flush=True)
     for _ in range(args.warmup):  # untimed: first-call costs (allocations, lazy imports) land here
-        generate(pipe, pipe, prompts[:args.batch], args)
+        generate(pipe, pipe, prompts[:2], args)
     # the run order: a baseline, then every --baseline-every settings another one
     order: list[Setting] = [base_setting]
     for i, s in enumerate(settings):
@@ -339,6 +339,9 @@ def _run(args: argparse.Namespace) -> dict:
         if (i + 1) % args.baseline_every == 0 or i == len(settings) - 1:
             order.append(base_setting)
     rows, base_rows, first_base = [], [], None
+    partial = Path(args.out).with_suffix(".partial.json") if getattr(args, "out", None) else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     for setting in tqdm(order, desc="bench", unit="setting", disable=args.quiet):
         row = measure(setting, pipe, prompts, args, flops=setting is not base_setting or first_base is None)
         if setting is base_setting:
@@ -351,6 +354,10 @@ def _run(args: argparse.Namespace) -> dict:
         else:
             fidelity_of(row, first_base, scenes) if row["status"] == "ok" else None
             rows.append(row)
+        if partial is not None:  # what a crash or an interrupt would otherwise lose
+            from .report import dumps
+
+            partial.write_text(dumps({**record, "partial": True, "rows": [b for _, b in base_rows] + rows}))
     base_flops = base_rows[0][1]["flops_per_image"]
     base_denoiser_flops = base_rows[0][1]["denoiser_flops_per_image"]
     # what is not the denoiser (text encoder, VAE) no setting changes; counting it as the baseline's
@@ -384,8 +391,11 @@ def _run(args: argparse.Namespace) -> dict:
     record["goal"] = goal(record)
     print(markdown(record), flush=True)
     if not baseline["reproduced"]:
-        raise SystemExit("diffaccel bench fidelity: the baseline changed during the run: a setting was not removed "
-                         "cleanly (see the rows' 'reproduced')")
+        record["error"] = ("the baseline changed during the run: a setting was not removed cleanly (the baseline "
+                           "runs' 'reproduced')")
+        print(f"diffaccel bench fidelity: {record['error']}", file=sys.stderr)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     return record
 
 
@@ -418,7 +428,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median and spread)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed baseline calls of one batch first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed baseline calls of two prompts first")
     p.add_argument("--baseline-every", type=int, default=4, help="a baseline run after every N settings")
     p.add_argument("--flop-captions", type=int, default=1, help="FLOPs are counted on a run over the first N prompts "
                                                                 "(0: not counted)")

@@ -90,8 +90,12 @@ def goal(record: dict, x: str = "speedup") -> dict:
     For each peer row that ran: the best of ours at least as fast (by `x`), and whether it is better."""
     ours = [r for r in ok_rows(record) if r["family"] == OURS]
     checks = []
+    idle = []
     for peer in ok_rows(record):
         if peer["family"] == OURS or peer.get(x) is None:
+            continue
+        if peer.get("identical"):  # it skipped nothing here: its speed-up is the machine's noise
+            idle.append(peer["label"])
             continue
         rivals = [r for r in ours if r.get(x) is not None and r[x] >= peer[x]]
         best = max(rivals, key=lambda r: r["psnr"], default=None)
@@ -99,7 +103,8 @@ def goal(record: dict, x: str = "speedup") -> dict:
                        "ours": best and best["label"], "ours_" + x: best and best[x], "ours_psnr": best and best["psnr"],
                        "met": bool(best is not None and best["psnr"] > peer["psnr"])})
     return {"by": x, "met": all(c["met"] for c in checks) if checks else None,
-            "peers_beaten": sum(c["met"] for c in checks), "peers": len(checks), "checks": checks}
+            "peers_beaten": sum(c["met"] for c in checks), "peers": len(checks), "checks": checks,
+            "identical_to_baseline": idle}
 
 
 def _fmt(value, spec: str, none: str = "–") -> str:
@@ -131,6 +136,8 @@ def markdown(record: dict) -> str:
         cells += [_fmt(r.get("caption_following"), ".3f")] if caption else []
         lines.append("| " + " | ".join(cells) + " |")
     out = head + lines
+    if record.get("error"):
+        out += ["", f"**Error**: {record['error']}."]
     skipped = [r for r in record["rows"] if r.get("status", "ok") != "ok"]
     if skipped:
         out += ["", "Not run:"] + [f"- {r['label']} — {r['status']}: {r['reason']}" for r in skipped]
@@ -144,6 +151,9 @@ def markdown(record: dict) -> str:
                 + ("no setting of ours is as fast" if c["ours"] is None else
                    f"{c['ours']} ({c['ours_speedup']:.2f}×, {_fmt(c['ours_psnr'], '.2f')} dB)")
                 for c in g["checks"] if not c["met"]]
+    if g.get("identical_to_baseline"):
+        out += ["", "Identical to the baseline (they skipped nothing at these settings; left out of the goal): "
+                + ", ".join(g["identical_to_baseline"]) + "."]
     return "\n".join(out)
 
 
