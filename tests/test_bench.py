@@ -129,10 +129,15 @@ def test_fidelity_writes_markdown_and_png_plots(fidelity_run, tmp_path):
 def test_a_setting_that_acts_nowhere_scores_identical(tmp_path):
     out = tmp_path / "r.json"
     assert main(["bench", "fidelity", "--model", "dit", "--captions", "1", "--steps", "3", "--flop-captions", "1",
-                 "--warmup", "0", "--quiet", "--no-peers", "--specs", "fora:warmup=10", "--out", str(out)]) == 0
-    row = strict_json(out.read_text())["rows"][1]
+                 "--warmup", "0", "--quiet", "--no-peers", "--specs", "fora:warmup=10", "todo:factor=100", "--out",
+                 str(out)]) == 0
+    rows = strict_json(out.read_text())["rows"]
+    row = rows[1]
     assert row["label"] == "fora:warmup=10" and row["identical"] and row["psnr"] is None and row["ssim"] == 1.0
     assert row["denoiser_flop_speedup"] == 1.0
+    # a setting that cannot be installed is a row saying why, and the run goes on
+    assert rows[2]["label"] == "todo:factor=100" and rows[2]["status"] == "failed" and "factor" in rows[2]["reason"]
+    assert not out.with_suffix(".partial.json").exists()  # kept only while the run goes on
 
 
 def test_missing_peer_is_a_row_saying_why(monkeypatch):
