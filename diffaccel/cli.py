@@ -68,17 +68,6 @@ def quiet_libraries():
             tlog.enable_progress_bar()
 
 
-def _finite(value):
-    """The value with inf and NaN as null, anywhere inside: JSON has neither (PSNR of identical images is inf)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _machine() -> dict:
     """What the timings depend on: versions, platform, threads."""
     import platform
@@ -101,6 +90,7 @@ def _write_run(out_dir: Path, args: argparse.Namespace, what: str, prompts: list
                images: list[torch.Tensor]) -> str:
     """Each configuration's first image as a PNG, grid.png (a column per configuration, captioned with
     speed-up and PSNR) and report.json into `out_dir`; returns what the grid leaves out ('' if nothing)."""
+    from .bench.report import dumps
     from .images import image_grid, to_pil
 
     for k, (row, imgs) in enumerate(zip(rows, images)):
@@ -114,7 +104,7 @@ def _write_run(out_dir: Path, args: argparse.Namespace, what: str, prompts: list
               "weights": args.weights, "size": args.size, "steps": args.steps, "repeats": args.repeats,
               "prompts": prompts, "seeds": [args.seed + i for i in range(len(prompts))], "machine": _machine(),
               "grid": {"file": "grid.png", "columns": [r["label"] for r in rows], "rows": shown}, "rows": rows}
-    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+    (out_dir / "report.json").write_text(dumps(report))  # strict JSON: an infinite PSNR as null
     return f" (the grid shows the first {shown} of {len(prompts)} images)" if shown < len(prompts) else ""
 
 
