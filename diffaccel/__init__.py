@@ -19,6 +19,7 @@ from .methods import (
     MethodConfig,
     Option,
     SiToConfig,
+    TaylorSeerConfig,
     ToCaConfig,
     ToDoConfig,
     TokenMethod,
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CachingMethod", "Calibration", "Constant", "Cosine", "Description", "DuCaConfig", "FORAConfig", "Linear", "MethodConfig",
-    "Piecewise", "Policy", "Rule", "Selector", "SiToConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod",
+    "Piecewise", "Policy", "Rule", "Selector", "SiToConfig", "TaylorSeerConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod",
     "UnsupportedModelError", "Window", "accelerate_pipeline", "available_methods", "calibrate", "describe", "is_accelerated",
     "load_config", "load_reference_pipeline", "Option", "option", "register", "remove_acceleration", "reset", "save_config",
     "supported_families",

@@ -76,6 +76,7 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"each method may be given once, got {names}")
+    given: dict[int, dict] = {}
     for key, value in overrides.items():
         owners = [i for i, c in enumerate(configs) if key in c.option_names()]
         if not owners:
@@ -83,7 +84,9 @@ def resolve_methods(method: Any, overrides: dict) -> list[MethodConfig]:
         if len(owners) > 1:
             raise ValueError(f"option {key!r} fits several methods ({[names[i] for i in owners]}); "
                              f"pass config objects instead")
-        configs[owners[0]] = configs[owners[0]].with_options(**{key: value})
+        given.setdefault(owners[0], {})[key] = value
+    for i, options in given.items():  # together: options may only be valid in combination
+        configs[i] = configs[i].with_options(**options)
     return configs
 
 

@@ -128,6 +128,7 @@ class Context:
     shared:         per-call results the sub-layers of a block share (one matching, one fresh set)
     state:          per-run state of caching methods (e.g. a block's attention statistic)
     notes:          site name -> why a method did not act there (this run)
+    decisions:      step -> whether adaptive caching computed it, and why (this run)
     step_key:       in a compiled denoiser, the step as a 0-d tensor (see `Tracker.prepare`)"""
 
     run: int
@@ -153,6 +154,8 @@ class Context:
     # calls keep a state dict per branch instead, so a graph never depends on the branch's name)
     state_branch: str | None = field(repr=False, default=None)
     after: Any = field(repr=False, default=None)  # compiled calls: what the next call of the step runs
+    # adaptive caching: step -> what was decided there (this run), for describe()
+    decisions: dict = field(repr=False, default_factory=dict)
 
     def __post_init__(self):
         if self.state_branch is None:

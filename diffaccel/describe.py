@@ -81,8 +81,10 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
         if inst is not None and any(m.caches for m in inst.methods):
             cache = dict(entries=0, bytes=0, peak_bytes=0) if tracker is None else dict(
                 entries=len(tracker.cache), bytes=tracker.cache_bytes(), peak_bytes=tracker.cache_peak_bytes)
+        decisions = tracker.decisions if tracker is not None else {}
         out["denoisers"].append(dict(
             attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
+            steps={s: dict(v) for s, v in sorted(decisions.items())},
             whole_blocks=st.skippable_blocks if st else [],
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,
                                                      batch=last.batch, geometry=None if last.geometry is None
@@ -118,6 +120,12 @@ def render_table(d: dict) -> str:
             c = den["cache"]
             lines.append(f"cache: {c['entries']} outputs held, {c['bytes'] / 2**20:.1f} MiB now; "
                          f"peak {c['peak_bytes'] / 2**20:.1f} MiB in the last run (released when a run ends)")
+        if den.get("steps"):
+            steps = den["steps"]
+            computed = [s for s, v in steps.items() if v["decision"] == "compute"]
+            cached = [s for s, v in steps.items() if v["decision"] == "cached"]
+            lines.append(f"adaptive steps ({steps[next(iter(steps))]['method']}, last run): computed "
+                         f"{_steps(computed)}; cached {_steps(cached)}")
         if den.get("whole_blocks"):
             lines.append(f"whole-block reuse: {len(den['whole_blocks'])} blocks hand back their stored output on "
                          "aggressive steps without running")
@@ -152,6 +160,18 @@ def render_table(d: dict) -> str:
         for r in [header] + table:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
+
+
+def _steps(steps: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    if not steps:
+        return "none"
+    parts, start = [], steps[0]
+    for a, b in zip(steps, steps[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}" if a == start else f"{start}-{a}")
+            start = b
+    return ", ".join(parts)
 
 
 def _fmt(params: dict | None) -> str:

@@ -329,6 +329,7 @@ class Tracker:
         self.last: Context | None = None
         self.log: dict[int, dict[str, CallRecord]] = {}  # step -> site -> what its call did
         self.notes: dict[str, str] = {}  # site -> why a selected method did not act (last run)
+        self.decisions: dict[int, dict] = {}  # step -> what adaptive caching decided there (last run)
         self.warned: set = set()
         # token methods in this run: those that changed some call, and why the others did not
         self.acted: set[str] = set()
@@ -412,9 +413,16 @@ class Tracker:
         if not self.compiled():
             self.frame = None
             return
+        for method in {h.methods[h.caching] for h in self.site_hooks if h.caching is not None}:
+            if method.forecast != "reuse" or method.threshold is not None:
+                warn_once(self.warned, ("compiled", method.name),
+                          f"{method.name}: a compiled denoiser's steps are planned before they run, so its cached "
+                          f"steps reuse the stored output on the static schedule: forecast={method.forecast!r} and "
+                          f"threshold={method.threshold!r} act in eager runs only")
         clock = self.clock
         if self._log_run != clock.run:
             self.log, self.notes, self._log_run = {}, {}, clock.run
+            self.decisions = {}
             self.acted, self.idle = set(), {}
         if self._cache_run != clock.run:
             self.release()
@@ -522,6 +530,7 @@ class Tracker:
                 branch = "cond"
         if self._log_run != clock.run:
             self.log, self.notes, self._log_run = {}, {}, clock.run
+            self.decisions = {}
             self.acted, self.idle = set(), {}
         if self._cache_run != clock.run:  # a new run (or one after an interrupted run) starts empty
             self.release()
@@ -530,7 +539,8 @@ class Tracker:
         step = clock.step
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            cond_half, batch, geometry, self.log.setdefault(step, {}),
-                           self.block_inputs, state=self.state, notes=self.notes, warned=self.warned)
+                           self.block_inputs, state=self.state, notes=self.notes, warned=self.warned,
+                           decisions=self.decisions)
         clock.calls_in_step += 1
         return None
 
@@ -823,13 +833,14 @@ class SiteHook(Hook):
             method, p = self.methods[self.caching], params[self.caching]
             key = (ctx.branch, site.index)
             signature = (ctx.batch, ctx.geometry, tuple(call.hidden.shape))
+            method.begin_call(site, ctx, p, call)
             entry = self.tracker.cache.get(key)
             if entry is not None and entry.signature != signature:
                 entry = None
             plan = method.plan(site, ctx, p, entry, call) if entry is not None else Plan.COMPUTE
             if plan == Plan.REUSE:
                 ctx.log[site.name] = CallRecord(n, 0, 0)
-                return Prepared(args, kwargs, skip=True, output=entry.output)
+                return Prepared(args, kwargs, skip=True, output=method.serve(site, ctx, p, entry))
             caching = (method, p, entry, plan)
             if plan != Plan.PARTIAL:  # RECOMPUTE runs in full inside a cycle: the entry keeps the cycle
                 start, until = (entry.step, entry.until) if plan == Plan.RECOMPUTE else \
@@ -869,7 +880,7 @@ class SiteHook(Hook):
         plan, entry = PLANS.get(prog.choice), prog.entry
         if plan is not None:
             plan = self.methods[self.caching].traced_plan(site, ctx, params[self.caching], entry, call, plan)
-        if plan == Plan.REUSE:
+        if plan == Plan.REUSE:  # (a compiled denoiser reuses: its forecasts and adaptive steps are refused)
             ctx.log[site.name] = CallRecord(n, 0, 0)
             return Prepared(args, kwargs, skip=True, output=entry.output)
         for method, p in zip(self.methods, params):
@@ -901,7 +912,11 @@ class SiteHook(Hook):
     def _store(self, ctx: Context, store: _Store, output: Any) -> None:
         entry = CacheEntry(output, store.step, store.signature, store.until)
         method = self.methods[self.caching]
-        method.init_entry(self.site, ctx, self._params[self.caching], entry, store.hidden)
+        params = self._params[self.caching]
+        method.init_entry(self.site, ctx, params, entry, store.hidden)
+        previous = self.tracker.cache.get(store.key)
+        method.stored(ctx, params, entry, previous if previous is not None and previous.signature == store.signature
+                      else None)
         self.tracker.store(store.key, entry)
 
 

@@ -58,16 +58,27 @@ def example_methods(request):
         yield
 
 
+# Settings of registered methods that take other code paths, run through the suite under their own
+# names: token-wise forecasting (ToCa, DuCa) and adaptive steps. (Explicit schedules: the suite's runs
+# are 3 steps, so that a cached step already has two computed outputs to forecast from.)
+VARIANTS = {
+    "toca_taylor": ("toca", {"forecast": "taylor", "order": 1, "warmup": 2}),
+    "duca_hermite": ("duca", {"forecast": "hermite", "aggressive": "sublayers", "warmup": 2}),
+    "fora_adaptive": ("fora", {"threshold": 1e9, "forecast": "taylor"}),
+}
+
+
 def _kind(name: str) -> type:
-    return EXAMPLES.get(name) or method_class(name)
+    return EXAMPLES.get(name) or method_class(VARIANTS.get(name, (name,))[0])
 
 
-NAMES = diffaccel.available_methods() + sorted(EXAMPLES)
+NAMES = diffaccel.available_methods() + sorted(EXAMPLES) + sorted(VARIANTS)
 METHODS = [m for m in NAMES if not _kind(m).caches]
 CACHING = [m for m in NAMES if _kind(m).caches]  # they reuse (parts of) sub-layer outputs
 ZERO = {m: _kind(m).zero for m in NAMES}
 # Explicit strengths: the tiny models are far too small for the cost model to let the defaults act.
-EXPLICIT = {"tome": {"ratio": 0.5}, "todo": {"factor": 2.0}, "sito": {"ratio": 0.5}}
+EXPLICIT = {"tome": {"ratio": 0.5}, "todo": {"factor": 2.0}, "sito": {"ratio": 0.5},
+            "taylorseer": {"interval": 3, "warmup": 2}}
 
 CASES = [(f, m) for f in FAMILIES for m in METHODS + CACHING]
 # ToDo pools keys/values inside joint or rotary attention, where ToMe has taken the tokens off their
@@ -80,8 +91,11 @@ def accelerate(pipe, family, method, **kw):
     """accelerate_pipeline at explicit strengths, checking that it warns about nothing."""
     names = method if isinstance(method, tuple) else (method,)
     for m in names:
-        for k, v in EXPLICIT.get(m, {}).items():
+        for k, v in {**EXPLICIT.get(m, {}), **VARIANTS.get(m, ("", {}))[1]}.items():
             kw.setdefault(k, v)
+    if family == "wan22" and "warmup" in kw:  # two experts share the 3 steps: no warm-up step to spare
+        kw["warmup"] = 0
+    names = tuple(VARIANTS.get(m, (m,))[0] for m in names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         return accelerate_pipeline(pipe, list(names) if len(names) > 1 else names[0], **kw)
@@ -159,7 +173,9 @@ def make_case_sizes(family):
 
 # (the example methods run the rest of the suite; state carried between calls is the runtime's, which
 # the registered caching methods exercise here)
-CHANGE_CASES = [(f, m, c) for f, m in CASES for c in _changes(f) if m not in EXAMPLES]
+CHANGE_CASES = [(f, m, c) for f, m in CASES for c in _changes(f) if m not in EXAMPLES and m not in VARIANTS]
+# the variants keep state across calls too (forecast differences, adaptive references): one change each
+CHANGE_CASES += [(f, m, "steps") for f in ("pixart", "flux") for m in VARIANTS]
 
 
 @pytest.mark.slow

@@ -40,6 +40,21 @@ STRENGTHS: dict[str, list[tuple[str, dict]]] = {
     "fora": [(f"N={n}", {"interval": n}) for n in (2, 3, 4)],
     "toca": [(f"N={n} R={r}", {"interval": n, "fresh_ratio": r}) for n, r in ((2, 0.5), (3, 0.3), (4, 0.1))],
     "duca": [(f"N={n} R={r}", {"interval": n, "fresh_ratio": r}) for n, r in ((2, 0.75), (3, 0.5), (4, 0.25))],
+    # the paper's FLUX.1-dev setting (N=6, order 2, 3 full steps first), then order 1 at shorter intervals
+    "taylorseer": [("paper N=6 O=2", {}), *((f"N={n} O=1", {"interval": n, "order": 1}) for n in (3, 4))],
+}
+# Forecast against reuse at the same schedules (FORA's and ToCa's), and adaptive steps (a cap of 3 cached
+# steps in a row, HiCache's forecast) at thresholds from mild to strong against static schedules at
+# equal compute: named groups `--methods` takes beside the method names.
+_HERMITE = {"forecast": "hermite", "order": 1}
+GROUPS: dict[str, list[tuple[str, dict]]] = {
+    "forecast": [("fora N=3 taylor O=1", {"method": "fora", "interval": 3, "forecast": "taylor", "order": 1}),
+                 ("fora N=3 hermite O=1", {"method": "fora", "interval": 3, **_HERMITE}),
+                 ("fora N=4 hermite O=1", {"method": "fora", "interval": 4, **_HERMITE}),
+                 ("toca N=3 R=0.3 hermite O=1", {"method": "toca", "interval": 3, "fresh_ratio": 0.3, **_HERMITE})],
+    "adaptive": [*((f"fora adaptive t={t} cap=3 hermite O=1", {"method": "fora", "interval": 4, "threshold": t,
+                                                                **_HERMITE}) for t in (0.07, 0.1, 0.15, 0.2, 0.3)),
+                 ("fora adaptive t=0.15 cap=3", {"method": "fora", "interval": 4, "threshold": 0.15})],
 }
 COMPOSED: list[tuple[str, list[dict]]] = [
     ("tome ratio=0.5 + fora N=3", [{"method": "tome", "ratio": 0.5}, {"method": "fora", "interval": 3}]),
@@ -69,12 +84,16 @@ def our_settings(names: list[str] | None = None, composed: bool = True) -> list[
     compositions."""
     from ..methods import available_methods
 
-    methods = names or [m for m in STRENGTHS if m in available_methods()]
+    methods = names or [*(m for m in STRENGTHS if m in available_methods()), *GROUPS]
     rows = []
     for m in methods:
+        if m in GROUPS:
+            rows += [Setting(label, "diffaccel", spec["method"], {k: v for k, v in spec.items() if k != "method"},
+                             dict(spec)) for label, spec in GROUPS[m]]
+            continue
         if m not in STRENGTHS:
             raise SystemExit(f"diffaccel bench fidelity: no strengths listed for method {m!r}; "
-                             f"available: {sorted(STRENGTHS)} (or give --specs)")
+                             f"available: {sorted(STRENGTHS)} or the groups {sorted(GROUPS)} (or give --specs)")
         rows += [Setting(f"{m} {tag}", "diffaccel", m, dict(opts), {"method": m, **opts}) for tag, opts in STRENGTHS[m]]
     if composed and not names:
         rows += [Setting(label, "diffaccel", "+".join(s["method"] for s in specs), {"methods": specs}, specs)
@@ -274,6 +293,7 @@ def measure(setting: Setting, pipe, prompts: list[str], args: argparse.Namespace
                 with PeakMemory(args.device) as mem:
                     images, seconds = timed(lambda: generate(call, pipe, prompts, args), args.device)
                 times.append(seconds)
+            cache = _cache_use(pipe) if setting.spec is not None else {}
             flop_prompts = prompts[:args.flop_captions] if args.flop_captions else []
             counted = count_flops(lambda: generate(call, pipe, flop_prompts, args), args.denoiser) if (
                 flop_prompts and flops) else None
@@ -282,9 +302,24 @@ def measure(setting: Setting, pipe, prompts: list[str], args: argparse.Namespace
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     row.update(seconds=statistics.median(times), seconds_all=times, peak_memory_bytes=mem.peak,
                flops_per_image=counted and counted[0] / len(flop_prompts),
-               denoiser_flops_per_image=counted and counted[1] / len(flop_prompts), notes=said)
+               denoiser_flops_per_image=counted and counted[1] / len(flop_prompts), notes=said, **cache)
     row["_images"] = images
     return row
+
+
+def _cache_use(pipe) -> dict:
+    """What describe() says of our caches after the timed run: the peak bytes held (the last call's
+    batch), and with adaptive steps the steps computed and cached."""
+    from .. import describe
+
+    dens = describe(pipe)["denoisers"]
+    out = {}
+    if any(d["cache"] is not None for d in dens):
+        out["cache_peak_bytes"] = max(d["cache"]["peak_bytes"] for d in dens if d["cache"] is not None)
+    decided = [v["decision"] for d in dens for v in d.get("steps", {}).values()]
+    if decided:
+        out["adaptive_steps"] = {"computed": decided.count("compute"), "cached": decided.count("cached")}
+    return out
 
 
 def fidelity_of(row: dict, base: torch.Tensor, scenes) -> None:
@@ -407,7 +442,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                   "pipeline folder / hub id (default: dit)")
     p.add_argument("--weights", default=None, help="dit/unet: a folder written by the training script")
     p.add_argument("--methods", nargs="*", default=None, help="our methods to run at their three strengths "
-                                                              f"(default: all of {sorted(STRENGTHS)} and compositions)")
+                                                              f"(default: all of {sorted(STRENGTHS)}, the groups {sorted(GROUPS)} and compositions)")
     p.add_argument("--specs", nargs="*", default=[], help="instead: our settings as `diffaccel run` takes them, e.g. "
                                                           "tome:ratio=0.6 fora:interval=4")
     p.add_argument("--config", nargs="*", default=[], metavar="FILE", help="instead: saved accelerations, one row each")

@@ -14,10 +14,11 @@ from .base import (
 from .duca import DuCaConfig
 from .fora import FORAConfig
 from .sito import SiToConfig
+from .taylorseer import TaylorSeerConfig
 from .toca import ToCaConfig
 from .todo import ToDoConfig
 from .tome import ToMeConfig
 
 __all__ = ["CacheEntry", "CachingMethod", "Context", "DuCaConfig", "FORAConfig", "MethodConfig", "Plan", "SiToConfig",
-           "SiteCall", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod", "available_methods", "method_class",
+           "SiteCall", "TaylorSeerConfig", "ToCaConfig", "ToDoConfig", "ToMeConfig", "TokenMethod", "available_methods", "method_class",
            "register", "Option", "option"]

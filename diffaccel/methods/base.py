@@ -33,6 +33,7 @@ import torch
 from ..call import CacheEntry, Context, Plan, SiteCall
 from ..policy import Policy
 from ..sites import Site
+from .forecast import FORECASTS, MAX_ORDER, AdaptiveSteps, decide, predict, push
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
@@ -280,10 +281,10 @@ class MethodConfig:
             raise TypeError(f"{type(self).__name__}.policy must be a Policy, a dict or JSON text, got {policy!r}")
         object.__setattr__(self, "policy", policy)
         if policy is not None:
-            unknown = policy.param_names() - set(self.params)
+            unknown = policy.param_names() - set(self.policy_params())
             if unknown:
-                raise ValueError(f"policy sets {sorted(unknown)}, which {self.name} does not read; "
-                                 f"allowed: {list(self.params)}")
+                raise ValueError(f"policy sets {sorted(unknown)}, which {self.name} does not read"
+                                 f"{self.unread_hint(unknown)}; allowed: {list(self.policy_params())}")
             for rule in policy.rules:
                 for key, schedule in rule.params.items():
                     for value in schedule.knots():
@@ -383,6 +384,15 @@ class MethodConfig:
             d["policy"] = self.policy
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in d.items())})"
 
+    def policy_params(self) -> tuple[str, ...]:
+        """The parameters a policy may schedule for this config: `params`, and any its other fields
+        bring in (e.g. a caching method's forecast order)."""
+        return self.params
+
+    def unread_hint(self, unknown: set) -> str:
+        """What to change so that a policy parameter it does not read would be read ("" if nothing)."""
+        return ""
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise a clear error on bad field values that the declared options do not cover (values that
@@ -471,14 +481,49 @@ class CachingMethod(MethodConfig):
     warmup: int = option(0, low=0, high=100_000, integer=True, kw_only=True,
                          doc="Steps at the start of the run that are always computed; the last of them begins "
                              "the first cycle (0 and 1 are the same).")
+    forecast: str = option("reuse", choices=FORECASTS, kw_only=True,
+                           doc='How a cached step is served: "reuse" (the stored output), "taylor" (the polynomial '
+                               'through the last order + 1 computed outputs, TaylorSeer) or "hermite" (HiCache\'s '
+                               'damped Hermite basis).')
+    order: int = option(2, low=0, high=MAX_ORDER, integer=True, kw_only=True,
+                        doc='Order of the forecast (0: reuse); a policy may schedule it per step and site. Each '
+                            'cached site keeps order + 1 outputs.')
+    hermite_scale: float = option(0.5, low=0.01, high=10.0, kw_only=True,
+                                  doc='HiCache\'s scale sigma of the "hermite" forecast (smaller: more damped).')
+    threshold: float | None = option(None, low=0.0, high=1e9, choices=(None,), kw_only=True,
+                                     doc="Adaptive steps: a step is cached while the relative L1 change of the first "
+                                         "cached sub-layer's input since the last computed step stays below this "
+                                         "(0: every step computes); at most interval - 1 cached steps in a row. "
+                                         "None: the static schedule.")
 
     caches = True
     params = ("interval",)
     zero = {"interval": 1}
+    # whether the run's last step is always computed (FORA's code does; ToCa's and TaylorSeer's do not)
+    computes_last: ClassVar[bool] = False
+
+    def policy_params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.params + (("order",) if self.forecast != "reuse" else ())))
+
+    def unread_hint(self, unknown: set) -> str:
+        return " (a forecast order acts with forecast='taylor' or 'hermite')" if "order" in unknown else ""
+
+    def resolve(self, raw: dict | None) -> dict | None:
+        params = super().resolve(raw)
+        if params is not None and self.forecast != "reuse":
+            params["order"] = raw.get("order", self.order)
+        return params
+
+    def forecasting(self) -> bool:
+        """Whether cached steps are forecast: a forecast other than "reuse" at an order above 0 at some
+        step (order 0 everywhere is "reuse", to the bit)."""
+        return self.forecast != "reuse" and self.order_cap() > 0
 
     def check_param(self, key: str, value: float) -> None:
         if key == "interval":  # schedules may give fractional intervals; they are rounded when used
             check_number(type(self).__name__, key, value, 1, 1000)
+        elif key == "order":
+            check_number(type(self).__name__, key, value, 0, MAX_ORDER)
         else:
             super().check_param(key, value)
 
@@ -520,6 +565,46 @@ class CachingMethod(MethodConfig):
 
     def init_entry(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
         """Fill `entry.extra` when a full output is stored (`hidden`: the call's input)."""
+
+    # -- forecasts and adaptive steps (see methods.forecast) -------------------------------------
+    def serve(self, site: Site, ctx: Context, params: dict, entry: CacheEntry) -> Any:
+        """The output of a call that does not run (a REUSE plan): the stored output, or its forecast
+        at this step, plus the corrections fresh tokens left (token-wise caching)."""
+        if not self.forecasting():
+            return entry.output
+        out = predict(entry, ctx.step, round(params.get("order", 0)), self.forecast, self.hermite_scale)
+        offset = entry.extra.get("offset")
+        return out if offset is None else out + offset
+
+    def stored(self, ctx: Context, params: dict, entry: CacheEntry, previous: CacheEntry | None) -> None:
+        """A full output was just stored in `entry` at this step, replacing `previous` (None or an entry
+        of the same call signature): keep the differences a forecast needs."""
+        if self.forecasting():
+            push(entry, previous, ctx.step, self.order_cap())
+
+    def order_cap(self) -> int:
+        """The highest order any step of the policy asks for (how many differences to keep)."""
+        orders = [v for r in self.effective_policy().rules for k, sc in r.params.items() if k == "order"
+                  for v in sc.knots()]
+        return max([self.order, *[round(v) for v in orders]])
+
+    def begin_call(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> None:
+        """Before this call is planned: with `threshold` set, decide (once per step) whether the step
+        computes, from how much this call's input changed."""
+        if self.threshold is None:
+            return
+        state = ctx.state.setdefault(("adaptive", self.name), AdaptiveSteps())
+        cap = max(0, round(params["interval"]) - 1)
+        decide(state, ctx, call.hidden, self.threshold, self.warmup, cap, self.computes_last, ctx.decisions,
+               self.name)
+
+    def step_decision(self, ctx: Context) -> bool | None:
+        """With `threshold` set: whether this step computes, once decided (None: static schedule, or
+        not decided yet at this call)."""
+        if self.threshold is None:
+            return None
+        state = ctx.state.get(("adaptive", self.name))
+        return state.compute if state is not None and state.step == ctx.step else None
 
     def reuses_blocks(self) -> bool:
         """Whether some steps skip whole blocks (see `skips_block`)."""

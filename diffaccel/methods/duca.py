@@ -15,7 +15,9 @@ the cache) and an aggressive step that reuses the cached output of the whole blo
 A block some of whose sub-layers a policy leaves out is never skipped whole: its other sub-layers
 reuse their outputs as with "sublayers". Fresh tokens are chosen without attention maps by default
 ("vnorm": small value norms first, or "random"), so SDPA, Flash and xformers attention keep working.
-Token choice, schedules and CFG handling are ToCa's (see `toca`).
+Token choice, schedules and CFG handling are ToCa's (see `toca`). With a forecast (`forecast`, which
+needs aggressive="sublayers"), aggressive steps forecast every sub-layer's output and conservative steps
+forecast the tokens they do not recompute.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ class DuCaConfig(ToCaConfig):
     name = "duca"
     zero = {"interval": 1}
 
+    def validate(self) -> None:
+        super().validate()
+        if self.forecast != "reuse" and self.aggressive == "blocks":
+            raise ValueError(f"DuCaConfig: forecast={self.forecast!r} forecasts sub-layer outputs, but "
+                             "aggressive='blocks' hands on whole blocks' stored outputs unchanged; use "
+                             "aggressive='sublayers' with a forecast (or forecast='reuse')")
+
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1  # aggressive steps reuse whatever the fresh ratio
 
@@ -53,6 +62,8 @@ class DuCaConfig(ToCaConfig):
         return self.aggressive == "blocks"
 
     def skips_block(self, ctx: Context, params: dict, entry: CacheEntry) -> bool:
+        if self.threshold is not None and self.step_decision(ctx) is None:
+            return False  # adaptive, and the step not decided yet: the block's sub-layers decide it
         offset = self.cycle_offset(ctx, params, entry)
         return offset is not None and offset % 2 == 0  # the aggressive steps of `cached_plan` (and 0)
 

@@ -8,6 +8,9 @@ the start of the run are computed in full and the last of them begins the first 
 setting computes the first 3). The last step of a run is always computed, as FORA's code does (its
 outputs become the image). The paper's default: interval 3 on every sub-layer.
 
+`forecast` serves the cached steps with a forecast from the last computed outputs instead of the last
+one unchanged, and `threshold` decides during the run which steps compute (see `forecast`).
+
 A cache entry serves only calls of the same run, CFG branch, batch and token count; anything else
 is recomputed. Caches are released when the run ends.
 """
@@ -30,6 +33,7 @@ class FORAConfig(CachingMethod):
     warmup (steps at the start always computed). Every sub-layer's output is reused whole."""
 
     name = "fora"
+    computes_last = True  # as FORA's code does: its outputs become the image
 
     def default_policy(self) -> Policy:
         return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval}, warmup_window(self.warmup)),))
@@ -41,6 +45,11 @@ class FORAConfig(CachingMethod):
         return ctx.step + max(1, round(params["interval"]))
 
     def reuses(self, site: Site, ctx: Context, params: dict, entry: CacheEntry) -> bool:
-        if ctx.num_steps and ctx.step >= ctx.num_steps - 1:
-            return ctx.step == entry.step  # the last step is computed, as FORA's code does
+        if ctx.step == entry.step:
+            return True  # another call of the step that computed it (e.g. a second expert)
+        decision = self.step_decision(ctx)
+        if decision is not None:
+            return not decision  # adaptive steps (see methods.forecast)
+        if self.computes_last and ctx.num_steps and ctx.step >= ctx.num_steps - 1:
+            return False  # the last step is computed, as FORA's code does
         return ctx.step < entry.until

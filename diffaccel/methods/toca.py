@@ -61,6 +61,7 @@ from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
 from .base import CachingMethod, check_choice, check_number, option, register
+from .forecast import predict
 from .common import SUBLAYERS, BlockRandom, cfg_rows, image_span, kv_attention, warmup_window
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
@@ -158,6 +159,9 @@ class TokenwiseCache(CachingMethod):
         """Steps since the entry's cycle began (0: another call of that step), or None when this call
         starts a new cycle."""
         offset = ctx.step - entry.step
+        decision = self.step_decision(ctx)
+        if decision is not None:  # adaptive steps (see methods.forecast)
+            return offset if offset == 0 or (offset > 0 and not decision) else None
         return offset if offset >= 0 and (entry.until is None or ctx.step < entry.until) else None
 
     def plan(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> Plan:
@@ -288,9 +292,31 @@ class TokenwiseCache(CachingMethod):
             call.keys_values = call.keys_values or n
         call.hidden = gather_tokens(x, idx)
         call.reduced = True
-        cached = entry.output
-        call.restores.append(lambda out: scatter_tokens(cached, idx, out.to(cached.dtype)))
+        if not self.forecasting():
+            cached = entry.output  # the fresh tokens' outputs are written into the cache
+            call.restores.append(lambda out: scatter_tokens(cached, idx, out.to(cached.dtype)))
+        else:
+            call.restores.append(self._forecast_restore(ctx, params, entry, idx))
         self._probe(site, ctx, call, idx)
+
+    def _forecast_restore(self, ctx: Context, params: dict, entry: CacheEntry, idx: torch.Tensor):
+        """Token-wise forecasting: the step's output is the entry's forecast at this step with the fresh
+        tokens' computed outputs in place; each fresh token keeps the gap between its output and the
+        forecast (`offset`), so later cached steps forecast it from its newer value. The entry's stored
+        differences stay those of the full steps."""
+        forecast = predict(entry, ctx.step, round(params.get("order", 0)), self.forecast, self.hermite_scale)
+        offset = entry.extra.get("offset")
+        served = forecast + offset if offset is not None else forecast.clone()
+
+        def restore(out):
+            out = out.to(served.dtype)
+            nonlocal offset
+            if offset is None:
+                offset = entry.extra["offset"] = torch.zeros_like(served)
+            scatter_tokens(offset, idx, out - gather_tokens(forecast, idx))
+            return scatter_tokens(served, idx, out)
+
+        return restore
 
     # -- scores -----------------------------------------------------------------------------
     def primary_score(self, site: Site, ctx: Context, entry: CacheEntry, rows: torch.Tensor) -> torch.Tensor:
