@@ -26,8 +26,20 @@ PAPER_SETTINGS = {
     "flux": [("fora N=3", {"method": "fora", "interval": 3}),
              ("toca N=4 R=0.1 warmup=3", {"method": "toca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
              ("toca paper(flux)", ToCaConfig.paper("flux")),
-             ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3})],
+             ("duca N=4 R=0.1 warmup=3", {"method": "duca", "interval": 4, "fresh_ratio": 0.1, "warmup": 3}),
+             # TaylorSeer's FLUX.1-dev setting (N=6, order 2, first 3 steps full, last step not forced),
+             # then longer intervals and HiCache's forecast, and token-wise forecasting
+             ("taylorseer N=6 O=2 (paper)", {"method": "taylorseer"}),
+             ("taylorseer N=7 O=2", {"method": "taylorseer", "interval": 7}),
+             ("taylorseer N=8 O=2", {"method": "taylorseer", "interval": 8}),
+             ("taylorseer N=7 hermite O=1", {"method": "taylorseer", "interval": 7, "forecast": "hermite", "order": 1}),
+             ("toca N=6 R=0.1 warmup=3 taylor O=1", {"method": "toca", "interval": 6, "fresh_ratio": 0.1, "warmup": 3,
+                                                     "forecast": "taylor", "order": 1})],
 }
+PAPER_SETTINGS["pixart"] += [
+    ("taylorseer N=6 O=2 (paper)", {"method": "taylorseer"}),
+    ("taylorseer N=3 O=1 warmup=0", {"method": "taylorseer", "interval": 3, "order": 1, "warmup": 0}),
+    ("fora N=3 hermite O=1", {"method": "fora", "interval": 3, "forecast": "hermite", "order": 1})]
 
 
 def _run_steps(model, inputs, steps: int, device) -> torch.Tensor:

@@ -48,13 +48,14 @@ STRENGTHS: dict[str, list[tuple[str, dict]]] = {
 # equal compute: named groups `--methods` takes beside the method names.
 _HERMITE = {"forecast": "hermite", "order": 1}
 GROUPS: dict[str, list[tuple[str, dict]]] = {
-    "forecast": [("fora N=3 taylor O=1", {"method": "fora", "interval": 3, "forecast": "taylor", "order": 1}),
-                 ("fora N=3 hermite O=1", {"method": "fora", "interval": 3, **_HERMITE}),
-                 ("fora N=4 hermite O=1", {"method": "fora", "interval": 4, **_HERMITE}),
-                 ("toca N=3 R=0.3 hermite O=1", {"method": "toca", "interval": 3, "fresh_ratio": 0.3, **_HERMITE})],
+    "forecast": [*((f"fora N={n} {f} O=1", {"method": "fora", "interval": n, "forecast": f, "order": 1})
+                   for n, f in ((2, "hermite"), (3, "taylor"), (3, "hermite"), (4, "taylor"), (4, "hermite"))),
+                 *((f"toca N=3 R=0.3 {f} O=1", {"method": "toca", "interval": 3, "fresh_ratio": 0.3, "forecast": f,
+                                                "order": 1}) for f in ("taylor", "hermite"))],
     "adaptive": [*((f"fora adaptive t={t} cap=3 hermite O=1", {"method": "fora", "interval": 4, "threshold": t,
                                                                 **_HERMITE}) for t in (0.07, 0.1, 0.15, 0.2, 0.3)),
-                 ("fora adaptive t=0.15 cap=3", {"method": "fora", "interval": 4, "threshold": 0.15})],
+                 *((f"fora adaptive t={t} cap=3", {"method": "fora", "interval": 4, "threshold": t})
+                   for t in (0.15, 0.2))],
 }
 COMPOSED: list[tuple[str, list[dict]]] = [
     ("tome ratio=0.5 + fora N=3", [{"method": "tome", "ratio": 0.5}, {"method": "fora", "interval": 3}]),
