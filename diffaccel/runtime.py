@@ -1008,6 +1008,8 @@ class BlockHook(Hook):
             if params is None:
                 return None  # the method rests at this step: the sub-layers decide for themselves
             plans.append((hook, params))
+        for hook, params in plans[:1]:  # adaptive steps: a step that starts here is decided here
+            hook.methods[hook.caching].observe(ctx, params, hidden)
         key = (ctx.branch, self.name)
         signature = (ctx.batch, ctx.geometry, tuple(hidden.shape))
         stored = self.tracker.cache.get(key)

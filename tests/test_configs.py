@@ -26,7 +26,8 @@ from diffaccel.methods import method_class
 from diffaccel.testing import snapshot
 
 POLICY = {"tome": {"ratio": 0.3}, "todo": {"factor": 3.0}, "sito": {"ratio": 0.25}, "fora": {"interval": 4},
-          "toca": {"interval": 4, "fresh_ratio": 0.2}, "duca": {"interval": 4, "fresh_ratio": 0.5}}
+          "toca": {"interval": 4, "fresh_ratio": 0.2}, "duca": {"interval": 4, "fresh_ratio": 0.5},
+          "taylorseer": {"interval": 4, "order": 1}}
 
 
 def _configs():
@@ -40,6 +41,8 @@ def _configs():
     yield ToCaConfig.paper("pixart-alpha")
     yield diffaccel.DuCaConfig.paper("pixart-alpha")
     yield diffaccel.ToDoConfig(level_factors={1: 1.5}, factor="auto", mode="avg")
+    yield diffaccel.FORAConfig(interval=4, forecast="hermite", order=1, threshold=0.15)
+    yield ToCaConfig(forecast="taylor", policy={"rules": [{"params": {"interval": 3, "order": 1}}]})
 
 
 @pytest.mark.parametrize("cfg", list(_configs()), ids=lambda c: c.name)
@@ -183,8 +186,8 @@ def test_every_option_is_declared_for_the_faces(name):
         assert len(o.doc) > 10, (name, o.name)
         assert o.kind in ("float", "int", "bool", "choice", "number_or_choice", "json"), (name, o.name)
         if o.kind in ("float", "int", "number_or_choice"):
-            assert o.low is not None and o.high is not None and o.low <= o.default if not isinstance(o.default, str) \
-                else True
+            assert o.low is not None and o.high is not None
+            assert o.low <= o.default <= o.high if isinstance(o.default, (int, float)) else o.default in o.choices
         if o.kind == "choice":
             assert o.default in o.choices
         json.dumps(o.to_dict())  # JSON-ready for faces outside Python

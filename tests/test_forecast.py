@@ -54,9 +54,13 @@ def test_forecast_with_fewer_knots_than_its_order_uses_the_order_they_allow():
     f = lambda t: torch.tensor([5.0 - t], dtype=torch.float64)  # noqa: E731
     one = _history(f, [4], 2)
     assert predict(one, 6, 2, "taylor") is one.output  # a single knot: the output itself
-    two = _history(f, [0, 4], 2)
+    two = _history(f, [1, 4], 2)
     torch.testing.assert_close(predict(two, 7, 2, "taylor"), f(7))
     assert predict(two, 7, 0, "taylor") is two.output  # order 0 is reuse
+    # the run's first step (pure noise) starts no difference: a history through it serves as reuse
+    first = _history(f, [0, 4], 2)
+    assert first.extra["knots"] == [4] and predict(first, 7, 2, "taylor") is first.output
+    assert _history(f, [0, 4, 8], 2).extra["knots"] == [8, 4]
 
 
 def test_hermite_forecast_is_hicaches_formula():
@@ -74,15 +78,15 @@ def test_hermite_forecast_is_hicaches_formula():
 
 def test_forecast_keeps_the_outputs_dtype():
     f = lambda t: torch.full((2, 3), float(t), dtype=torch.bfloat16)  # noqa: E731
-    entry = _history(f, [0, 2], 1)
+    entry = _history(f, [1, 3], 1)
     assert entry.extra["diffs"][0].dtype == torch.bfloat16
-    assert predict(entry, 3, 1, "taylor").dtype == torch.bfloat16
-    tup = _history(lambda t: (f(t), None, f(2 * t)), [0, 2], 1)
-    out = predict(tup, 3, 1, "taylor")
-    assert out[1] is None and torch.equal(out[0], f(3)) and torch.equal(out[2], f(6))
+    assert predict(entry, 4, 1, "taylor").dtype == torch.bfloat16
+    tup = _history(lambda t: (f(t), None, f(2 * t)), [1, 3], 1)
+    out = predict(tup, 4, 1, "taylor")
+    assert out[1] is None and torch.equal(out[0], f(4)) and torch.equal(out[2], f(8))
 
 
-def _run(case, spec=None, steps=6, **kw):
+def _run(case, spec=None, steps=8, **kw):
     if spec is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
@@ -110,7 +114,7 @@ def _full_steps(info) -> list[int]:
 
 @pytest.mark.parametrize("family", ["pixart", "flux"])
 @pytest.mark.parametrize("spec,opts", [
-    ("fora", {"interval": 3}),
+    ("fora", {"interval": 2}),
     ("toca", {"interval": 3, "fresh_ratio": 0.3}),
     ("duca", {"interval": 3, "aggressive": "sublayers"}),
     ("taylorseer", {"interval": 3, "warmup": 2}),
@@ -153,7 +157,7 @@ def test_taylorseer_keeps_order_plus_one_outputs_per_site(make_case):
     case = make_case("pixart")
     peaks = {}
     for order in (0, 1, 2):
-        _, info = _run(case, "taylorseer", steps=12, order=order)
+        _, info = _run(case, "taylorseer", steps=16, order=order)  # full steps 2, 8, 14
         peaks[order] = info["denoisers"][0]["cache"]["peak_bytes"]
     assert peaks[0] > 0 and peaks[1] == 2 * peaks[0] and peaks[2] == 3 * peaks[0]
     accelerate_pipeline(case.pipe, "taylorseer")
@@ -228,11 +232,14 @@ def test_adaptive_decides_once_per_step_for_both_cfg_branches(make_case):
     from diffaccel.api import installation
 
     case = make_case("flux")
-    accelerate_pipeline(case.pipe, "fora", interval=3, threshold=0.05)
+    _, probe = _run(case, "fora", interval=8, threshold=1e9)  # the changes this model shows
+    changes = sorted(v["change"] for v in probe["denoisers"][0]["steps"].values() if v["change"] is not None)
+    accelerate_pipeline(case.pipe, "fora", interval=3, threshold=changes[len(changes) // 2])
     tracker = installation(case.pipe).denoisers[0].tracker
     site = next(s["name"] for s in describe(case.pipe)["denoisers"][0]["sites"] if s["methods"]["fora"]["acts"])
     calls = {}
-    hook = case.pipe.transformer.get_submodule(site).register_forward_pre_hook(
+    inner = next(m for m in case.pipe.transformer.get_submodule(site).modules() if isinstance(m, torch.nn.Linear))
+    hook = inner.register_forward_pre_hook(  # (runs only when the sub-layer computes)
         lambda *_: calls.__setitem__(tracker.clock.step, calls.get(tracker.clock.step, 0) + 1))
     case.run(steps=8)
     hook.remove()
@@ -268,17 +275,17 @@ def test_adaptive_reads_one_number_per_step(make_case, monkeypatch):
 
 def test_policy_schedules_the_forecast_order_per_step_and_site(make_case):
     case = make_case("pixart")
-    policy = Policy((Rule(Selector(kind=("self_attn", "cross_attn", "ff")), {"interval": 3, "order": 1}),
-                     Rule(Selector(kind="ff"), {"interval": 3, "order": 0})))
+    policy = Policy((Rule(Selector(kind=("self_attn", "cross_attn", "ff")), {"interval": 2, "order": 1}),
+                     Rule(Selector(kind="ff"), {"interval": 2, "order": 0})))
     cfg = FORAConfig(forecast="taylor", policy=policy)
     accelerate_pipeline(case.pipe, cfg)
     plan = describe(case.pipe, num_steps=6)["denoisers"][0]["sites"]
     orders = {s["kind"]: s["methods"]["fora"]["plan"][1]["order"] for s in plan if s["methods"]["fora"]["acts"]}
     assert orders["ff"] == 0 and orders["self_attn"] == 1
-    out = case.run(steps=6)
+    out = case.run(steps=8)
     remove_acceleration(case.pipe)
-    everywhere, _ = _run(case, FORAConfig(forecast="taylor", order=1))
-    nowhere, _ = _run(case, "fora")
+    everywhere, _ = _run(case, FORAConfig(interval=2, forecast="taylor", order=1))
+    nowhere, _ = _run(case, FORAConfig(interval=2))
     assert not torch.equal(out, everywhere) and not torch.equal(out, nowhere)
 
 
@@ -288,7 +295,7 @@ def test_policy_schedules_the_forecast_order_per_step_and_site(make_case):
     (lambda: DuCaConfig(forecast="taylor"), ValueError, r"aggressive='sublayers'"),
     (lambda: ToCaConfig(forecast="newton"), ValueError, r"must be one of \['reuse', 'taylor', 'hermite'\]"),
     (lambda: TaylorSeerConfig(order=4), ValueError, r"order must be in \[0, 3\]"),
-    (lambda: FORAConfig(threshold=-0.1), ValueError, r"threshold must be a number in"),
+    (lambda: FORAConfig(threshold=-0.1), ValueError, r"threshold must be in \[0.0, "),
     (lambda: FORAConfig(threshold="auto"), ValueError, r"threshold must be a number in"),
 ])
 def test_bad_forecast_settings_are_refused(make, exc, match):
@@ -315,3 +322,17 @@ def test_taylorseer_is_in_every_face():
     assert {"interval", "order", "forecast", "threshold", "warmup"} <= names
     main = [o.name for o in TaylorSeerConfig.options() if o.main]
     assert main == ["interval", "order"]
+
+
+def test_the_benchmarks_forecast_and_adaptive_rows_are_valid_settings():
+    from diffaccel.api import resolve_methods
+    from diffaccel.bench.caching import PAPER_SETTINGS
+    from diffaccel.bench.fidelity import GROUPS, our_settings
+
+    rows = our_settings(["taylorseer", *GROUPS])
+    assert len(rows) == 3 + sum(len(g) for g in GROUPS.values())
+    for row in rows:
+        (config,) = resolve_methods(row.spec, {})
+        assert config.forecasting() or config.threshold is not None or config.name == "taylorseer"
+    flux = dict(PAPER_SETTINGS["flux"])
+    assert resolve_methods(flux["taylorseer N=6 O=2 (paper)"], {}) == [TaylorSeerConfig()]

@@ -20,12 +20,12 @@ from diffaccel.methods.base import available_methods, method_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_METHODS = ("tome", "todo", "sito")
-CACHING_METHODS = ("fora", "toca", "duca")
+CACHING_METHODS = ("fora", "toca", "duca", "taylorseer")
 # a strength at which each method acts on these tiny models (the cost model left out: it would rightly
 # find nothing worth merging at 16 x 16 latents)
 ACTING = {"tome": dict(ratio=0.5, cost_model="off"), "todo": dict(factor="2.0", cost_model="off"),
           "sito": dict(ratio=0.5, cost_model="off"), "fora": dict(interval=2), "toca": dict(interval=3),
-          "duca": dict(interval=3)}
+          "duca": dict(interval=3), "taylorseer": dict(interval=2, warmup=0)}
 
 
 def node(name: str):

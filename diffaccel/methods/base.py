@@ -591,12 +591,17 @@ class CachingMethod(MethodConfig):
     def begin_call(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> None:
         """Before this call is planned: with `threshold` set, decide (once per step) whether the step
         computes, from how much this call's input changed."""
+        self.observe(ctx, params, call.hidden)
+
+    def observe(self, ctx: Context, params: dict, x: torch.Tensor) -> None:
+        """With `threshold` set, the step's decision from the input `x` of the first call of the step the
+        method holds (a sub-layer's, or a whole block's where blocks are reused whole); later calls of
+        the step leave it as it is."""
         if self.threshold is None:
             return
         state = ctx.state.setdefault(("adaptive", self.name), AdaptiveSteps())
         cap = max(0, round(params["interval"]) - 1)
-        decide(state, ctx, call.hidden, self.threshold, self.warmup, cap, self.computes_last, ctx.decisions,
-               self.name)
+        decide(state, ctx, x, self.threshold, self.warmup, cap, self.computes_last, ctx.decisions, self.name)
 
     def step_decision(self, ctx: Context) -> bool | None:
         """With `threshold` set: whether this step computes, once decided (None: static schedule, or
