@@ -336,3 +336,15 @@ def test_the_benchmarks_forecast_and_adaptive_rows_are_valid_settings():
         assert config.forecasting() or config.threshold is not None or config.name == "taylorseer"
     flux = dict(PAPER_SETTINGS["flux"])
     assert resolve_methods(flux["taylorseer N=6 O=2 (paper)"], {}) == [TaylorSeerConfig()]
+
+
+def test_forecast_from_reuses_before_it_and_forecasts_after(make_case):
+    case = make_case("pixart")
+    reuse, _ = _run(case, FORAConfig(interval=2), steps=12)
+    never, _ = _run(case, FORAConfig(interval=2, forecast="taylor", order=1, forecast_from=1.0), steps=12)
+    late, info = _run(case, FORAConfig(interval=2, forecast="taylor", order=1, forecast_from=0.5), steps=12)
+    always, _ = _run(case, FORAConfig(interval=2, forecast="taylor", order=1), steps=12)
+    assert torch.equal(never, reuse)
+    assert not torch.equal(late, reuse) and not torch.equal(late, always)
+    plan = next(s for s in info["denoisers"][0]["sites"] if s["methods"]["fora"]["acts"])["methods"]["fora"]["plan"]
+    assert [p["order"] for p in plan] == [0] * 6 + [1] * 6

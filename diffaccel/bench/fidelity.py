@@ -47,15 +47,21 @@ STRENGTHS: dict[str, list[tuple[str, dict]]] = {
 # steps in a row, HiCache's forecast) at thresholds from mild to strong against static schedules at
 # equal compute: named groups `--methods` takes beside the method names.
 _HERMITE = {"forecast": "hermite", "order": 1}
+_LATE = {"forecast": "taylor", "order": 1, "forecast_from": 0.5}
 GROUPS: dict[str, list[tuple[str, dict]]] = {
     "forecast": [*((f"fora N={n} {f} O=1", {"method": "fora", "interval": n, "forecast": f, "order": 1})
                    for n, f in ((2, "hermite"), (3, "taylor"), (3, "hermite"), (4, "taylor"), (4, "hermite"))),
                  *((f"toca N=3 R=0.3 {f} O=1", {"method": "toca", "interval": 3, "fresh_ratio": 0.3, "forecast": f,
-                                                "order": 1}) for f in ("taylor", "hermite"))],
+                                                "order": 1}) for f in ("taylor", "hermite")),
+                 # forecasting in the run's second half only (before it cached steps reuse)
+                 *((f"fora N={n} taylor O=1 from=0.5", {"method": "fora", "interval": n, **_LATE}) for n in (2, 3, 4)),
+                 ("toca N=3 R=0.3 taylor O=1 from=0.5", {"method": "toca", "interval": 3, "fresh_ratio": 0.3, **_LATE})],
     "adaptive": [*((f"fora adaptive t={t} cap=3 hermite O=1", {"method": "fora", "interval": 4, "threshold": t,
                                                                 **_HERMITE}) for t in (0.07, 0.1, 0.15, 0.2, 0.3)),
                  *((f"fora adaptive t={t} cap=3", {"method": "fora", "interval": 4, "threshold": t})
-                   for t in (0.15, 0.2))],
+                   for t in (0.15, 0.2)),
+                 *((f"fora adaptive t={t} cap=3 taylor O=1 from=0.5", {"method": "fora", "interval": 4, "threshold": t,
+                                                                       **_LATE}) for t in (0.15, 0.2))],
 }
 COMPOSED: list[tuple[str, list[dict]]] = [
     ("tome ratio=0.5 + fora N=3", [{"method": "tome", "ratio": 0.5}, {"method": "fora", "interval": 3}]),

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..call import CacheEntry, Context, Plan, SiteCall
-from ..policy import Policy
+from ..policy import Piecewise, Policy
 from ..sites import Site
 from .forecast import FORECASTS, MAX_ORDER, AdaptiveSteps, decide, predict, push
 
@@ -488,6 +488,9 @@ class CachingMethod(MethodConfig):
     order: int = option(2, low=0, high=MAX_ORDER, integer=True, kw_only=True,
                         doc='Order of the forecast (0: reuse); a policy may schedule it per step and site. Each '
                             'cached site keeps order + 1 outputs.')
+    forecast_from: float = option(0.0, low=0.0, high=1.0, kw_only=True,
+                                  doc="Fraction of the run after which cached steps are forecast (before it they "
+                                      "reuse): a few-step run's early features change too fast for a forecast.")
     hermite_scale: float = option(0.5, low=0.01, high=10.0, kw_only=True,
                                   doc='HiCache\'s scale sigma of the "hermite" forecast (smaller: more damped).')
     threshold: float | None = option(None, low=0.0, high=1e9, choices=(None,), kw_only=True,
@@ -513,6 +516,15 @@ class CachingMethod(MethodConfig):
         if params is not None and self.forecast != "reuse":
             params["order"] = raw.get("order", self.order)
         return params
+
+    def forecast_params(self) -> dict:
+        """The forecast order's schedule in the default policy: `order` from `forecast_from` on, 0
+        (reuse) before it ({} without a forecast)."""
+        if self.forecast == "reuse":
+            return {}
+        if self.forecast_from <= 0:
+            return {"order": self.order}
+        return {"order": Piecewise(((0.0, 0), (self.forecast_from, self.order)))}
 
     def forecasting(self) -> bool:
         """Whether cached steps are forecast: a forecast other than "reuse" at an order above 0 at some
@@ -584,9 +596,13 @@ class CachingMethod(MethodConfig):
 
     def order_cap(self) -> int:
         """The highest order any step of the policy asks for (how many differences to keep)."""
-        orders = [v for r in self.effective_policy().rules for k, sc in r.params.items() if k == "order"
-                  for v in sc.knots()]
-        return max([self.order, *[round(v) for v in orders]])
+        cap = self.__dict__.get("_order_cap")
+        if cap is None:
+            orders = [o for r in self.effective_policy().rules
+                      for o in ([round(v) for v in r.params["order"].knots()] if "order" in r.params else [self.order])]
+            cap = max(orders, default=self.order)
+            self.__dict__["_order_cap"] = cap  # (a frozen config: computed once)
+        return cap
 
     def begin_call(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> None:
         """Before this call is planned: with `threshold` set, decide (once per step) whether the step

@@ -36,7 +36,8 @@ class FORAConfig(CachingMethod):
     computes_last = True  # as FORA's code does: its outputs become the image
 
     def default_policy(self) -> Policy:
-        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval}, warmup_window(self.warmup)),))
+        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, **self.forecast_params()},
+                            warmup_window(self.warmup)),))
 
     def is_identity(self, params: dict) -> bool:
         return round(params["interval"]) <= 1

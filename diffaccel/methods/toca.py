@@ -126,8 +126,8 @@ class TokenwiseCache(CachingMethod):
             check_number(type(self).__name__, key, value, 0.0, 1.0)
 
     def default_policy(self) -> Policy:
-        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": self.fresh_ratio},
-                            warmup_window(self.warmup)),))
+        return Policy((Rule(Selector(kind=SUBLAYERS), {"interval": self.interval, "fresh_ratio": self.fresh_ratio,
+                                                       **self.forecast_params()}, warmup_window(self.warmup)),))
 
     @classmethod
     def paper(cls, model: str, **fields: Any):
