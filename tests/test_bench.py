@@ -65,6 +65,10 @@ def test_pareto_front_and_goal():
     assert checks["peer a"]["met"] and checks["peer a"]["ours"] == "fora N=2"  # the best of ours at >= 1.5x
     assert not checks["peer b"]["met"] and checks["peer b"]["ours"] == "fora N=3"  # 27 dB < 28 dB
     assert not checks["peer c"]["met"] and checks["peer c"]["ours"] is None  # nothing of ours is as fast
+    # a setting of ours identical to the baseline (PSNR stored as null) counts as infinite, not a crash
+    same = {**row("fora adaptive", "diffaccel", 3.5, None), "identical": True}
+    g = report.goal({"rows": [*record["rows"], same]}, "speedup")
+    assert g["met"] is True and {c["ours"] for c in g["checks"]} == {"fora adaptive"}
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
+def _psnr(row: dict) -> float:
+    """A row's PSNR, infinite where its images are the baseline's (stored as null in strict JSON)."""
+    if row.get("identical"):
+        return math.inf
+    return row["psnr"] if row.get("psnr") is not None else -math.inf
+
+
 def goal(record: dict, x: str = "speedup") -> dict:
     """Our goal: at every speed-up a peer reaches, one of our settings has a higher PSNR than that peer.
     For each peer row that ran: the best of ours at least as fast (by `x`), and whether it is better."""
@@ -98,10 +105,10 @@ def goal(record: dict, x: str = "speedup") -> dict:
             idle.append(peer["label"])
             continue
         rivals = [r for r in ours if r.get(x) is not None and r[x] >= peer[x]]
-        best = max(rivals, key=lambda r: r["psnr"], default=None)
+        best = max(rivals, key=_psnr, default=None)
         checks.append({"peer": peer["label"], x: peer[x], "psnr": peer["psnr"],
                        "ours": best and best["label"], "ours_" + x: best and best[x], "ours_psnr": best and best["psnr"],
-                       "met": bool(best is not None and best["psnr"] > peer["psnr"])})
+                       "met": bool(best is not None and _psnr(best) > _psnr(peer))})
     return {"by": x, "met": all(c["met"] for c in checks) if checks else None,
             "peers_beaten": sum(c["met"] for c in checks), "peers": len(checks), "checks": checks,
             "identical_to_baseline": idle}
