@@ -210,7 +210,7 @@ def test_adaptive_steps_follow_the_change_and_are_recorded(make_case):
     assert sorted(steps) == list(range(12))
     changes = [v["change"] for v in steps.values() if v["change"] is not None]
     assert changes and all(c >= 0 for c in changes)
-    for s, v in steps.items():  # the decision is the threshold's (or a forced step's)
+    for v in steps.values():  # the decision is the threshold's (or a forced step's)
         if v["change"] is not None:
             assert (v["decision"] == "compute") == (v["change"] >= 0.02)
     # a threshold between the changes seen decides some steps each way

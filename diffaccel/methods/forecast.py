@@ -45,7 +45,6 @@ the static schedule at the cap.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -61,8 +61,8 @@ from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
 from .base import CachingMethod, check_choice, check_number, option, register
-from .forecast import predict
 from .common import SUBLAYERS, BlockRandom, cfg_rows, image_span, kv_attention, warmup_window
+from .forecast import predict
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
