@@ -175,7 +175,7 @@ def make_case_sizes(family):
 # the registered caching methods exercise here)
 CHANGE_CASES = [(f, m, c) for f, m in CASES for c in _changes(f) if m not in EXAMPLES and m not in VARIANTS]
 # the variants keep state across calls too (forecast differences, adaptive references): one change each
-CHANGE_CASES += [(f, m, "steps") for f in ("pixart", "flux") for m in VARIANTS]
+CHANGE_CASES += [(f, m, c) for f in ("pixart", "flux") for m in VARIANTS for c in ("steps", "size", "batch")]
 
 
 @pytest.mark.slow
