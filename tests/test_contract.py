@@ -260,7 +260,7 @@ def test_cfg_off_selects_per_row(make_case):
 
 
 BAD = [
-    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['duca', 'fora', 'sito', 'toca', 'todo', 'tome'\]"),
+    (("nope",), {}, ValueError, r"unknown method 'nope'; available: \['duca', 'fora', 'sito', 'taylorseer', 'toca', 'todo', 'tome'\]"),
     (("tome",), {"ratio": 1.5}, ValueError, r"ToMeConfig.ratio must be in \[0.0, 0.75\]"),
     (("tome",), {"ratio": -0.1}, ValueError, r"ToMeConfig.ratio must be in"),
     (("tome",), {"ratio": "0.5"}, TypeError, r"ToMeConfig.ratio must be a number"),
