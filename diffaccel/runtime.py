@@ -880,7 +880,7 @@ class SiteHook(Hook):
         plan, entry = PLANS.get(prog.choice), prog.entry
         if plan is not None:
             plan = self.methods[self.caching].traced_plan(site, ctx, params[self.caching], entry, call, plan)
-        if plan == Plan.REUSE:  # (a compiled denoiser reuses: its forecasts and adaptive steps are refused)
+        if plan == Plan.REUSE:  # (compiled: the stored output; forecasts fall back to it, with a warning)
             ctx.log[site.name] = CallRecord(n, 0, 0)
             return Prepared(args, kwargs, skip=True, output=entry.output)
         for method, p in zip(self.methods, params):
@@ -1008,8 +1008,8 @@ class BlockHook(Hook):
             if params is None:
                 return None  # the method rests at this step: the sub-layers decide for themselves
             plans.append((hook, params))
-        for hook, params in plans[:1]:  # adaptive steps: a step that starts here is decided here
-            hook.methods[hook.caching].observe(ctx, params, hidden)
+        first, params = plans[0]  # adaptive steps: a step that starts here is decided here
+        first.methods[first.caching].observe(ctx, params, hidden)
         key = (ctx.branch, self.name)
         signature = (ctx.batch, ctx.geometry, tuple(hidden.shape))
         stored = self.tracker.cache.get(key)

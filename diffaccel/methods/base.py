@@ -584,9 +584,14 @@ class CachingMethod(MethodConfig):
         at this step, plus the corrections fresh tokens left (token-wise caching)."""
         if not self.forecasting():
             return entry.output
-        out = predict(entry, ctx.step, round(params.get("order", 0)), self.forecast, self.hermite_scale)
+        out = self.forecast_at(ctx, params, entry)
         offset = entry.extra.get("offset")
         return out if offset is None else out + offset
+
+    def forecast_at(self, ctx: Context, params: dict, entry: CacheEntry) -> Any:
+        """The entry's forecast of its output at this step, at this step's order (without the
+        corrections fresh tokens left)."""
+        return predict(entry, ctx.step, round(params.get("order", 0)), self.forecast, self.hermite_scale)
 
     def stored(self, ctx: Context, params: dict, entry: CacheEntry, previous: CacheEntry | None) -> None:
         """A full output was just stored in `entry` at this step, replacing `previous` (None or an entry

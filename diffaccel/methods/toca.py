@@ -62,7 +62,6 @@ from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows
 from .base import CachingMethod, check_choice, check_number, option, register
 from .common import SUBLAYERS, BlockRandom, cfg_rows, image_span, kv_attention, warmup_window
-from .forecast import predict
 
 SCORES = ("change", "vnorm", "random", "attention", "entropy")
 KIND_WEIGHTS = {"self_attn": 0.0, "cross_attn": 0.6, "ff": 1.6}  # PixArt-alpha-ToCa's module factors
@@ -304,7 +303,7 @@ class TokenwiseCache(CachingMethod):
         tokens' computed outputs in place; each fresh token keeps the gap between its output and the
         forecast (`offset`), so later cached steps forecast it from its newer value. The entry's stored
         differences stay those of the full steps."""
-        forecast = predict(entry, ctx.step, round(params.get("order", 0)), self.forecast, self.hermite_scale)
+        forecast = self.forecast_at(ctx, params, entry)
         offset = entry.extra.get("offset")
         served = forecast + offset if offset is not None else forecast.clone()
 
