@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from .. import metrics
+from ..loading import DTYPES, load_pipeline
 from .common import command_line, machine, versions
 
 NAME = "fidelity"
 MODELS = ("dit", "unet", "random-sd")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Our methods at three strengths each (mild, medium, strong), then compositions of a token method
 # with a caching method. An explicit strength acts wherever the policy selects (no cost-model veto).
@@ -140,27 +140,6 @@ def peer_settings(kind: str, steps: int, names: list[str] | None) -> list[Settin
 
 
 # -- the pipeline and its prompts ------------------------------------------------------------------
-
-
-def load_pipeline(model: str, weights: str | None, device: str, dtype: torch.dtype):
-    """(pipeline, kind "unet"/"dit", whether it is a reference model)."""
-    if model in ("dit", "unet"):
-        from ..reference import load_reference_pipeline
-
-        pipe, reference = load_reference_pipeline(model, path=weights), True
-    elif model == "random-sd":
-        from ..testing import default_pipeline
-
-        pipe, reference = default_pipeline(), False
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe, reference = DiffusionPipeline.from_pretrained(model, use_safetensors=True), False
-        pipe.set_progress_bar_config(disable=True)
-    if device != "cpu" or dtype != torch.float32:
-        pipe.to(device, dtype)
-    kind = "unet" if getattr(pipe, "unet", None) is not None else "dit"
-    return pipe, kind, reference
 
 
 def prompts_and_scenes(args: argparse.Namespace, reference: bool) -> tuple[list[str], list | None]:
