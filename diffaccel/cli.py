@@ -1,4 +1,5 @@
 """Command line: `diffaccel run` (the main job on the embedded default), `diffaccel bench`,
+`diffaccel generate` (a file of prompts, sharded across processes under `accelerate launch`),
 `diffaccel demo` (the Gradio app), `diffaccel reference` (how well the reference models follow captions, and how redundant their steps are)
 and `diffaccel calibrate` (the cost model's constants measured on this device)."""
 
@@ -270,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from .generate import add_generate_parser
+
+    add_generate_parser(sub)
 
     demo = sub.add_parser("demo", add_help=False, help="the Gradio demo in a browser: baseline and accelerated side "
                           "by side (needs the demo extra; `diffaccel demo --help` for its options)")

@@ -1,0 +1,264 @@
+"""Scaling out: `diffaccel generate` sharded over two processes with accelerate (every prompt once, the
+manifest complete, a killed run resumed without duplicates, failures recorded, bad prompt files
+refused), and the methods under diffusers' context parallelism on two gloo processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from diffaccel.cli import main
+from diffaccel.generate import MANIFEST, PromptFileError, read_prompts, read_records, save_output
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = ["--model", "random-sd", "--size", "64", "--steps", "2"]  # the SD-architecture default: fast at 64 px
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _launch(args: list[str], port: int, **kw) -> subprocess.Popen:
+    """`accelerate launch` of two processes running `python -m diffaccel generate ...` (on a machine
+    without GPUs accelerate's launcher starts several processes with --multi_gpu; they use gloo)."""
+    cmd = LAUNCH + ["--main_process_port", str(port), "-m", "diffaccel", "generate"] + args
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+
+
+def _prompts(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"a small red circle number {i}\n" for i in range(n)))
+    return path
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# -- the prompt file -------------------------------------------------------------------------------------
+
+
+def test_text_and_jsonl_prompts(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("a red circle\n\n  a blue square  \n")
+    prompts = read_prompts(text, seed=10, size=(64, 96), negative_prompt="blurry")
+    assert [(p.id, p.prompt, p.seed, p.height, p.width, p.negative_prompt, p.line) for p in prompts] == [
+        ("000000", "a red circle", 10, 64, 96, "blurry", 1), ("000001", "a blue square", 11, 64, 96, "blurry", 3)]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a", "seed": 7, "size": 32}\n{"prompt": "b", "id": "cat-1", "size": [16, 48]}\n'
+                     '{"prompt": "c", "height": 24, "negative_prompt": "dark"}\n')
+    a, b, c = read_prompts(jsonl, seed=100, size=(64, 64))
+    assert (a.id, a.seed, a.height, a.width) == ("000000", 7, 32, 32)
+    assert (b.id, b.seed, b.height, b.width) == ("cat-1", 101, 16, 48)
+    assert (c.seed, c.height, c.width, c.negative_prompt) == (102, 24, 64, "dark")
+
+
+BAD_FILES = {
+    "empty": ("\n\n", "no prompts"),
+    "json": ('{"prompt": "a"}\n{"prompt": "b"\n', "line 2: not valid JSON"),
+    "unknown key": ('{"prompt": "a", "steps": 3}\n', "unknown keys ['steps']; allowed: ['prompt', 'id', 'seed'"),
+    "no prompt": ('{"seed": 1}\n', "line 1: 'prompt' is a non-empty string"),
+    "seed": ('{"prompt": "a", "seed": -1}\n', "'seed' is an int from 0"),
+    "size": ('{"prompt": "a", "size": [64]}\n', "'size' is an int or [height, width]"),
+    "size and height": ('{"prompt": "a", "size": 64, "height": 32}\n', "give 'size' or 'height'/'width'"),
+    "duplicate id": ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "line 2: id 'x' is also on line 1"),
+    "id": ('{"prompt": "a", "id": "../x"}\n', "'id' names the output files"),
+    "not an object": ('{"prompt": "a"}\n[1, 2]\n', "line 2: each line is a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_prompt_file_is_refused_before_anything_runs(tmp_path, case):
+    content, message = BAD_FILES[case]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompts", str(path), *GEN, "--out", str(out)])
+    assert message in str(e.value) and str(path) in str(e.value)
+    assert not out.exists()  # nothing loaded, nothing written
+
+
+def test_missing_prompt_file_and_bad_options(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["generate", "--prompts", str(tmp_path / "nope.txt"), *GEN, "--out", str(out)])
+    prompts = _prompts(tmp_path, 2)
+    with pytest.raises(SystemExit, match="--method: unknown method 'nope'"):
+        main(["generate", "--prompts", str(prompts), "--method", "nope", *GEN, "--out", str(out)])
+    with pytest.raises(SystemExit, match="give --method or --config, not both"):
+        main(["generate", "--prompts", str(prompts), "--method", "fora", "--config", "a.json", *GEN, "--out", str(out)])
+    with pytest.raises(PromptFileError, match="a folder"):
+        read_prompts(tmp_path)
+    assert not out.exists()
+
+
+# -- one process -------------------------------------------------------------------------------------------
+
+
+def test_failed_prompt_is_recorded_the_rest_go_on_and_a_rerun_retries_it(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "one"}\n{"prompt": "two", "size": 60}\n{"prompt": "three", "negative_prompt": "x"}\n')
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(path), *GEN, "--method", "fora", "--out", str(out)]) == 1
+    rows = _manifest(out)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "divisible by 8" in rows[1]["error"] and rows[1]["error"].startswith("ValueError")
+    assert rows[0]["acceleration"]["methods"][0]["method"] == "fora" and rows[2]["negative_prompt"] == "x"
+    assert all((out / f).is_file() for r in rows if r["status"] == "ok" for f in r["files"])
+    printed = capsys.readouterr().out
+    assert "generated 2 images" in printed and "1 failed" in printed and "images/s" in printed
+    # the failed prompt fixed: only it runs again
+    path.write_text('{"prompt": "one"}\n{"prompt": "two", "size": 64}\n{"prompt": "three", "negative_prompt": "x"}\n')
+    assert main(["generate", "--prompts", str(path), *GEN, "--method", "fora", "--out", str(out)]) == 0
+    assert "generated 1 image in" in capsys.readouterr().out
+    assert [r["status"] for r in _manifest(out)] == ["ok"] * 3
+    assert [r["id"] for r in read_records(out)] == ["000000", "000001", "000002", "000001"]
+
+
+def test_other_settings_into_the_same_folder_are_refused(tmp_path):
+    prompts, out = _prompts(tmp_path, 2), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(SystemExit, match="other settings .differing: acceleration"):
+        main(["generate", "--prompts", str(prompts), *GEN, "--method", "fora", "--out", str(out)])
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_a_line_cut_short_by_a_kill_is_generated_again(tmp_path):
+    prompts, out = _prompts(tmp_path, 3), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    part = next(out.glob("manifest.part-*.jsonl"))
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # the last record half-written
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    assert [r["status"] for r in _manifest(out)] == ["ok"] * 3
+    assert [r["id"] for r in read_records(out)] == ["000000", "000001", "000002"]
+
+
+def test_video_output_is_written_as_frames(tmp_path):
+    class Output:
+        frames = [[np.full((8, 8, 3), 0.5, dtype=np.float32), np.zeros((8, 8, 3), dtype=np.float32)]]
+
+    files = save_output(Output(), tmp_path, "clip")
+    assert files == ["frames/clip/0000.png", "frames/clip/0001.png"]
+    assert _pixels(tmp_path / files[0]).max() == 128 and _pixels(tmp_path / files[1]).max() == 0
+
+
+# -- two processes -----------------------------------------------------------------------------------------
+
+
+def test_two_processes_generate_every_prompt_exactly_once(tmp_path):
+    prompts = _prompts(tmp_path, 7)
+    out = tmp_path / "two"
+    printed = _finish(_launch(["--prompts", str(prompts), *GEN, "--method", "fora", "--out", str(out)], 29611))
+    assert "generated 7 images" in printed and "on 2 processes" in printed and "images/s" in printed
+    parts = sorted(out.glob("manifest.part-*.jsonl"))
+    assert [p.name for p in parts] == ["manifest.part-00000.jsonl", "manifest.part-00001.jsonl"]
+    ids = [[json.loads(line)["id"] for line in p.read_text().splitlines()] for p in parts]
+    assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == [f"{i:06d}" for i in range(7)]
+    rows = _manifest(out)
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(7)] and {r["status"] for r in rows} == {"ok"}
+    assert {r["num_processes"] for r in rows} == {2} and {r["process"] for r in rows} == {0, 1}
+    # the same images as one process makes (with the same threads): the split changes only who makes them
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "diffaccel", "generate", "--prompts", str(prompts), *GEN, "--method", "fora",
+                    "--out", str(one)], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    for r in rows:
+        assert np.array_equal(_pixels(out / r["files"][0]), _pixels(one / r["files"][0])), r["id"]
+
+
+def test_a_killed_two_process_run_resumes_without_duplicates(tmp_path):
+    n = 12
+    prompts, out = _prompts(tmp_path, n), tmp_path / "out"
+    slow = ["--model", "random-sd", "--size", "64", "--steps", "25"]
+    proc = _launch(["--prompts", str(prompts), *slow, "--out", str(out)], 29612)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len([r for r in read_records(out) if r["status"] == "ok"]) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    # every process of the run at once, mid-prompt (torchrun starts its workers in sessions of their own)
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    proc.communicate()
+    first = {r["id"] for r in read_records(out) if r["status"] == "ok"}
+    assert 3 <= len(first) < n, "the run was to be killed part-way"
+    assert not (out / MANIFEST).exists()  # the merge had not run: the parts are the record
+    printed = _finish(_launch(["--prompts", str(prompts), *slow, "--out", str(out)], 29613))
+    assert f"{len(first)} finished before" in printed and f"generated {n - len(first)} images" in printed
+    records = read_records(out)
+    ok = [r["id"] for r in records if r["status"] == "ok"]
+    assert sorted(ok) == [f"{i:06d}" for i in range(n)]  # each prompt finished exactly once over both runs
+    rows = _manifest(out)
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(n)] and {r["status"] for r in rows} == {"ok"}
+    assert all((out / r["files"][0]).is_file() for r in rows)
+
+
+# -- context parallelism -----------------------------------------------------------------------------------
+
+
+def _gloo() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_methods_under_diffusers_context_parallelism(tmp_path, family):
+    result = tmp_path / "result"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29620 + len(family)), str(ROOT / "tests" / "cp_worker.py"), family, str(result)]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in (0, 1)]
+    for res in ranks:
+        assert res["world"] == 2
+        for label, run in res["runs"].items():
+            assert run["max_diff"] < 1e-5, (label, run["max_diff"])  # as on one process
+            if label != "baseline":
+                assert run["acted"] > 1e-3, label  # and the method did act
+        adaptive = res["runs"]["fora_adaptive"]
+        kinds = [d["decision"] for d in adaptive["decisions"].values()]
+        assert "cached" in kinds and kinds.count("compute") >= 2
+        assert [d["decision"] for d in adaptive["single_decisions"].values()] == kinds
+        for step, d in adaptive["decisions"].items():
+            single = adaptive["single_decisions"][step]["change"]
+            assert (d["change"] is None) == (single is None) and (single is None or abs(d["change"] - single) < 1e-5)
+        for name, refused in res["refused"].items():
+            assert refused["message"] and refused["message"].startswith(f"{name} cannot run on a denoiser with "
+                                                                        "diffusers' context parallelism"), name
+            assert "these run: fora, taylorseer" in refused["message"] and refused["unchanged"], name
+        assert res["refused_at_call"] and "toca cannot run" in res["refused_at_call"]
+        assert "remove_acceleration(pipe)" in res["refused_at_call"]
+    # every process measured the whole sequence's change: the same figures, not its own slice's
+    assert ranks[0]["runs"]["fora_adaptive"]["decisions"] == ranks[1]["runs"]["fora_adaptive"]["decisions"]
