@@ -18,6 +18,7 @@ from diffaccel.pipelines import (
 )
 
 from .methods.base import MethodConfig, available_methods, method_class, unknown_option
+from .parallel import context_parallel, refusal_message, refusals, runs_under_context_parallelism
 from .runtime import BlockHook, PipeRef, RunClock, SiteHook, Tracker
 from .sites import Site
 
@@ -166,6 +167,9 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
         if installation(target) is not None:
             raise RuntimeError("this pipeline is already accelerated; call remove_acceleration(pipe) first, "
                                "or pass a list of methods to compose them")
+    refused = refusals(configs)
+    if refused and any(context_parallel(model) is not None for _, model in members):
+        raise ValueError(refusal_message(refused, runs_under_context_parallelism()))
     states = [_plan(model, attr, configs) for attr, model in members]
     _warn_idle(configs, states)
 

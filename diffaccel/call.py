@@ -156,6 +156,8 @@ class Context:
     after: Any = field(repr=False, default=None)  # compiled calls: what the next call of the step runs
     # adaptive caching: step -> what was decided there (this run), for describe()
     decisions: dict = field(repr=False, default_factory=dict)
+    # context parallelism: the process group the denoiser's tokens are split over (None: one process)
+    group: Any = field(repr=False, default=None)
 
     def __post_init__(self):
         if self.state_branch is None:

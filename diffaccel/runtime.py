@@ -20,6 +20,7 @@ from diffaccel.pipelines import DENOISER_ATTRS, unwrap
 
 from .call import CacheEntry, CallRecord, Context, Plan, SiteCall, warn_once
 from .methods.base import MethodConfig
+from .parallel import context_parallel, group_of, refusal_message, refusals, runs_under_context_parallelism
 from .sites import Site
 
 MAX_FRAMES = 64  # how far up the stack a denoiser call looks for the pipeline running it
@@ -345,6 +346,7 @@ class Tracker:
         self._cache_bytes = 0
         self.cache_peak_bytes = 0
         self.site_hooks: list[SiteHook] = []
+        self.group = None  # context parallelism's process group (read at each run's first call)
         self.block_hooks: list[BlockHook] = []
         self.frame: StepFrame | None = None  # a compiled denoiser's decisions for the coming step
         self.step_key = torch.zeros((), dtype=torch.int64)
@@ -421,6 +423,7 @@ class Tracker:
                           f"threshold={method.threshold!r} act in eager runs only")
         clock = self.clock
         if self._log_run != clock.run:
+            self._check_parallel()
             self.log, self.notes, self._log_run = {}, {}, clock.run
             self.decisions = {}
             self.acted, self.idle = set(), {}
@@ -529,6 +532,7 @@ class Tracker:
             else:
                 branch = "cond"
         if self._log_run != clock.run:
+            self._check_parallel()
             self.log, self.notes, self._log_run = {}, {}, clock.run
             self.decisions = {}
             self.acted, self.idle = set(), {}
@@ -540,9 +544,21 @@ class Tracker:
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            cond_half, batch, geometry, self.log.setdefault(step, {}),
                            self.block_inputs, state=self.state, notes=self.notes, warned=self.warned,
-                           decisions=self.decisions)
+                           decisions=self.decisions, group=self.group)
         clock.calls_in_step += 1
         return None
+
+    def _check_parallel(self) -> None:
+        """At each run's first call: the process group of context parallelism enabled on the denoiser
+        (after acceleration too), and a clear error where a method placed on it cannot run there."""
+        cp = context_parallel(self.model)
+        self.group = group_of(cp) if cp is not None else None
+        if cp is None:
+            return
+        refused = refusals(list(dict.fromkeys(m for h in self.site_hooks for m in h.methods)))
+        if refused:
+            raise RuntimeError(refusal_message(refused, runs_under_context_parallelism()) + "; call "
+                               "remove_acceleration(pipe) and accelerate it with one of those")
 
     def post_hook(self, module, args, kwargs, output):
         ctx, self.last, self.ctx = self.ctx, self.ctx, None

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from ..call import CacheEntry, Context
+from ..parallel import sum_over
 
 FORECASTS = ("reuse", "taylor", "hermite")
 MAX_ORDER = 3
@@ -170,7 +171,11 @@ def decide(state: AdaptiveSteps, ctx: Context, x: torch.Tensor, threshold: float
         why = "cap"
     else:
         a, b = x.detach().float(), ref.float()
-        change = ((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)).item()  # the step's one host sync
+        if ctx.group is None:
+            change = ((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)).item()  # the step's one host sync
+        else:  # context parallelism: the whole sequence's change, from the sums over every process's slice
+            moved, size = sum_over(ctx.group, (a - b).abs().sum(), b.abs().sum())
+            change = (moved / size.clamp_min(1e-12)).item()
         why = "change >= threshold" if change >= threshold else "change < threshold"
     compute = change is None or change >= threshold
     if compute:

@@ -104,6 +104,10 @@ class TokenwiseCache(CachingMethod):
     params = ("interval", "fresh_ratio")
     zero = {"fresh_ratio": 1.0}
 
+    def context_parallel_refusal(self) -> str | None:
+        return ("it ranks all the image's tokens to choose the fresh ones, while each process holds a slice: "
+                "choosing per process gives another selection than one process makes")
+
     # -- configuration ----------------------------------------------------------------------
     def validate(self) -> None:
         super().validate()

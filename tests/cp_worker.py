@@ -1,0 +1,92 @@
+"""One process of the context-parallel test (tests/test_scale.py runs two with torchrun, gloo on the
+CPU): accelerated tiny pipelines under diffusers' Ulysses context parallelism against the same settings
+on one process, and the methods that are refused there. Writes what it saw as JSON to argv[2].<rank>."""
+
+import json
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from diffaccel import accelerate_pipeline, remove_acceleration
+from diffaccel.api import installation
+from diffaccel.testing import snapshot, tiny_case
+
+RUNS = {  # label -> method spec: these run under context parallelism
+    "fora": "fora",
+    "taylorseer": {"method": "taylorseer", "interval": 3, "warmup": 1},
+    "fora_hermite": {"method": "fora", "interval": 2, "forecast": "hermite", "order": 1},
+    "fora_adaptive": {"method": "fora", "interval": 4, "threshold": 0.15},
+}
+REFUSED = ["tome", "todo", "sito", "toca", "duca"]
+STEPS = 8
+
+
+def main() -> None:
+    family, out = sys.argv[1], sys.argv[2]
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo")
+    if not torch.accelerator.device_count():
+        # diffusers' enable_parallelism divides the rank by the accelerator count to pick a device
+        torch.accelerator.device_count = lambda: 1
+    from diffusers import ContextParallelConfig
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = tiny_case(family)
+    result: dict = {"rank": rank, "world": world, "runs": {}}
+
+    def run():
+        return case.run(steps=STEPS, guidance=False)
+
+    def decisions():
+        tracker = installation(case.pipe).denoisers[0].tracker
+        return {str(k): v for k, v in sorted(tracker.decisions.items())}
+
+    single = {"baseline": run()}
+    single_decisions = {}
+    for label, spec in RUNS.items():
+        accelerate_pipeline(case.pipe, spec)
+        single[label] = run()
+        single_decisions[label] = decisions()
+        remove_acceleration(case.pipe)
+
+    case.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    base = run()
+    result["runs"]["baseline"] = {"max_diff": float((base - single["baseline"]).abs().max()),
+                                  "scale": float(single["baseline"].abs().max())}
+    for label, spec in RUNS.items():
+        accelerate_pipeline(case.pipe, spec)
+        out_cp = run()
+        result["runs"][label] = {"max_diff": float((out_cp - single[label]).abs().max()),
+                                 "acted": float((single[label] - single["baseline"]).abs().max()),
+                                 "decisions": decisions(), "single_decisions": single_decisions[label]}
+        remove_acceleration(case.pipe)
+
+    before = snapshot(case.pipe)
+    result["refused"] = {}
+    for name in REFUSED:
+        try:
+            accelerate_pipeline(case.pipe, name)
+            message = None
+            remove_acceleration(case.pipe)
+        except ValueError as e:
+            message = str(e)
+        result["refused"][name] = {"message": message, "unchanged": snapshot(case.pipe) == before}
+
+    # context parallelism enabled after the acceleration: refused at the first call
+    later = tiny_case(family, seed=1)
+    accelerate_pipeline(later.pipe, "toca")
+    later.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    try:
+        later.run(steps=STEPS, guidance=False)
+        result["refused_at_call"] = None
+    except RuntimeError as e:
+        result["refused_at_call"] = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
