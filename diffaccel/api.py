@@ -167,9 +167,11 @@ def accelerate_pipeline(pipe: Any, method: Any, **overrides: Any) -> Any:
         if installation(target) is not None:
             raise RuntimeError("this pipeline is already accelerated; call remove_acceleration(pipe) first, "
                                "or pass a list of methods to compose them")
-    refused = refusals(configs)
-    if refused and any(context_parallel(model) is not None for _, model in members):
-        raise ValueError(refusal_message(refused, runs_under_context_parallelism()))
+    for _, model in members:
+        cp = context_parallel(model)
+        refused = refusals(configs, cp) if cp is not None else []
+        if refused:
+            raise ValueError(refusal_message(refused, runs_under_context_parallelism(cp)))
     states = [_plan(model, attr, configs) for attr, model in members]
     _warn_idle(configs, states)
 

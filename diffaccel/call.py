@@ -156,8 +156,10 @@ class Context:
     after: Any = field(repr=False, default=None)  # compiled calls: what the next call of the step runs
     # adaptive caching: step -> what was decided there (this run), for describe()
     decisions: dict = field(repr=False, default_factory=dict)
-    # context parallelism: the process group the denoiser's tokens are split over (None: one process)
+    # context parallelism: the process group the denoiser's tokens are split over (None: one process),
+    # and its size; each call then holds 1 / world of the sequence
     group: Any = field(repr=False, default=None)
+    world: int = 1
 
     def __post_init__(self):
         if self.state_branch is None:

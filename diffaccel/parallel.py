@@ -9,8 +9,14 @@ What that means for the methods:
   Adaptive steps (`threshold`) measure the change of the input over the whole sequence: the two sums
   of the relative L1 change are added over the processes (one all-reduce per step) before the one
   comparison, so every process takes the same decision, the one a single process would take.
-- Methods that choose or pool tokens by their place in the whole image (ToMe, SiTo, ToDo, ToCa, DuCa)
-  are refused with an error naming why and what runs: each process holds only a slice of the tokens.
+- ToDo pools keys and values where Ulysses attention has gathered the whole sequence (for its share of
+  the heads): each process pools the whole image's keys over the whole grid, as one process does. The
+  gathered sequence is the processes' slices one after another; where a slice is [text, image] (Flux)
+  the keys and values are first put back in the sequence's own order (attention does not depend on
+  the order of the keys). Ring attention hands each attention call one slice of the keys: refused.
+- Methods that choose or merge tokens by their place in the whole image and their similarity across it
+  (ToMe, SiTo, ToCa, DuCa) are refused with an error naming why and what runs: each process holds
+  only a slice of the tokens.
 """
 
 from __future__ import annotations
@@ -37,23 +43,29 @@ def group_of(cp: Any) -> Any:
     return cp._flattened_mesh.get_group()
 
 
-def refusals(methods: list) -> list[tuple[str, str]]:
-    """(method, why) for each method that cannot run under context parallelism."""
-    return [(m.name, why) for m in methods if (why := m.context_parallel_refusal())]
+def refusals(methods: list, cp: Any) -> list[tuple[str, str]]:
+    """(method, why) for each method that cannot run under the context parallelism `cp`."""
+    return [(m.name, why) for m in methods if (why := m.context_parallel_refusal(cp))]
 
 
 def refusal_message(refused: list[tuple[str, str]], methods_running: list[str]) -> str:
     reasons = "; ".join(f"{name}: {why}" for name, why in refused)
     return (f"{', '.join(n for n, _ in refused)} cannot run on a denoiser with diffusers' context parallelism "
-            f"(its tokens are split across processes): {reasons}. Under context parallelism these run: "
+            f"(its tokens are split across processes): {reasons}. Under this context parallelism these run: "
             f"{', '.join(methods_running)} (docs/scale.md)")
 
 
-def runs_under_context_parallelism() -> list[str]:
-    """The registered methods that run under context parallelism at their defaults."""
+def runs_under_context_parallelism(cp: Any) -> list[str]:
+    """The registered methods that run under the context parallelism `cp` at their defaults."""
     from .methods import available_methods, method_class
 
-    return [n for n in available_methods() if method_class(n)().context_parallel_refusal() is None]
+    return [n for n in available_methods() if method_class(n)().context_parallel_refusal(cp) is None]
+
+
+def ring(cp: Any) -> bool:
+    """Whether `cp` passes keys and values around a ring (each attention call then sees one slice of
+    them) rather than gathering the whole sequence per head group (Ulysses)."""
+    return (getattr(cp, "ring_degree", 1) or 1) > 1
 
 
 def sum_over(group: Any, *values: torch.Tensor) -> torch.Tensor:

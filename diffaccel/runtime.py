@@ -347,6 +347,7 @@ class Tracker:
         self.cache_peak_bytes = 0
         self.site_hooks: list[SiteHook] = []
         self.group = None  # context parallelism's process group (read at each run's first call)
+        self.world = 1  # and how many processes hold a slice of the tokens
         self.block_hooks: list[BlockHook] = []
         self.frame: StepFrame | None = None  # a compiled denoiser's decisions for the coming step
         self.step_key = torch.zeros((), dtype=torch.int64)
@@ -544,7 +545,7 @@ class Tracker:
         self.ctx = Context(clock.run, step, clock.num_steps, clock.calls_in_step, branch, self._cfg_batched,
                            cond_half, batch, geometry, self.log.setdefault(step, {}),
                            self.block_inputs, state=self.state, notes=self.notes, warned=self.warned,
-                           decisions=self.decisions, group=self.group)
+                           decisions=self.decisions, group=self.group, world=self.world)
         clock.calls_in_step += 1
         return None
 
@@ -553,11 +554,12 @@ class Tracker:
         (after acceleration too), and a clear error where a method placed on it cannot run there."""
         cp = context_parallel(self.model)
         self.group = group_of(cp) if cp is not None else None
+        self.world = cp._flattened_mesh.size() if cp is not None else 1
         if cp is None:
             return
-        refused = refusals(list(dict.fromkeys(m for h in self.site_hooks for m in h.methods)))
+        refused = refusals(list(dict.fromkeys(m for h in self.site_hooks for m in h.methods)), cp)
         if refused:
-            raise RuntimeError(refusal_message(refused, runs_under_context_parallelism()) + "; call "
+            raise RuntimeError(refusal_message(refused, runs_under_context_parallelism(cp)) + "; call "
                                "remove_acceleration(pipe) and accelerate it with one of those")
 
     def post_hook(self, module, args, kwargs, output):

@@ -249,13 +249,31 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
     """ToDo inside an attention processor: while active, each scaled_dot_product_attention call whose
     keys are this span's sequence (image tokens alone or with the text of a joint sequence, after the
     processor applied its rotary embedding) gets the image keys and values pooled over the grid, and
-    a key mask pooled with them. Queries keep every token. `hits` counts the calls it pooled."""
+    a key mask pooled with them. Queries keep every token. `hits` counts the calls it pooled.
 
-    def __init__(self, span: ImageSpan, factor: float, mode: str, factor_t: float = 1.0):
+    slices > 1: the keys are `slices` equal slices of the span's sequence one after another, each laid
+    out as the whole is (text then image, or image then text): what Ulysses context parallelism gathers
+    from its processes. They are put back in the sequence's order first (the keys' order does not change
+    attention's output), then pooled as one process pools them."""
+
+    def __init__(self, span: ImageSpan, factor: float, mode: str, factor_t: float = 1.0, slices: int = 1):
         super().__init__()
         self.span, self.factor, self.mode, self.factor_t = span, factor, mode, factor_t
+        self.slices = slices
         self.hits = 0
         self.keys = 0
+
+    def _order(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Positions in gathered slices of the sequence's tokens, in its own order (None: already in it)."""
+        span, s = self.span, self.slices
+        if s == 1 or length == span.n:
+            return None
+        text, img = span.text // s, span.n // s
+        first, second = (text, img) if span.text_first else (img, text)
+        part = torch.arange(s, device=device) * (first + second)
+        a = (part[:, None] + torch.arange(first, device=device)).flatten()
+        b = (part[:, None] + first + torch.arange(second, device=device)).flatten()
+        return torch.cat([a, b])
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         b, heads, n, d = t.shape
@@ -291,6 +309,10 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
             mask = values[3] if len(values) > 3 else None
             length = k.shape[-2]
             if k.ndim == 4 and q.shape[-2] == length and self.span.start(length) is not None:
+                order = self._order(length, k.device)
+                if order is not None:
+                    k, v = k.index_select(2, order), v.index_select(2, order)
+                    mask = mask.index_select(-1, order) if mask is not None and mask.shape[-1] == length else mask
                 k2 = self.span.replace(k, 2, self._pool)
                 v2 = self.span.replace(v, 2, self._pool)
                 m2 = self._pool_mask(mask) if mask is not None else None

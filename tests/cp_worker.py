@@ -18,8 +18,10 @@ RUNS = {  # label -> method spec: these run under context parallelism
     "taylorseer": {"method": "taylorseer", "interval": 3, "warmup": 1},
     "fora_hermite": {"method": "fora", "interval": 2, "forecast": "hermite", "order": 1},
     "fora_adaptive": {"method": "fora", "interval": 4, "threshold": 0.15},
+    "todo": {"method": "todo", "factor": 2},
+    "todo_fora": [{"method": "todo", "factor": 2, "mode": "avg"}, "fora"],
 }
-REFUSED = ["tome", "todo", "sito", "toca", "duca"]
+REFUSED = ["tome", "sito", "toca", "duca"]
 STEPS = 8
 
 
@@ -73,6 +75,17 @@ def main() -> None:
         except ValueError as e:
             message = str(e)
         result["refused"][name] = {"message": message, "unchanged": snapshot(case.pipe) == before}
+
+    # ring attention: ToDo is refused, FORA is not
+    ringed = tiny_case(family, seed=2)
+    ringed.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    try:
+        accelerate_pipeline(ringed.pipe, "todo")
+        result["ring_todo"] = None
+    except ValueError as e:
+        result["ring_todo"] = str(e)
+    accelerate_pipeline(ringed.pipe, "fora")
+    result["ring_fora"] = installation(ringed.pipe) is not None
 
     # context parallelism enabled after the acceleration: refused at the first call
     later = tiny_case(family, seed=1)

@@ -1,6 +1,7 @@
 """Scaling out: `diffaccel generate` sharded over two processes with accelerate (every prompt once, the
 manifest complete, a killed run resumed without duplicates, failures recorded, bad prompt files
-refused), and the methods under diffusers' context parallelism on two gloo processes."""
+refused), and the methods under diffusers' context parallelism on two gloo processes: FORA,
+TaylorSeer (static, forecast, adaptive) and ToDo give what one process gives, the others are refused."""
 
 from __future__ import annotations
 
@@ -257,8 +258,47 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
         for name, refused in res["refused"].items():
             assert refused["message"] and refused["message"].startswith(f"{name} cannot run on a denoiser with "
                                                                         "diffusers' context parallelism"), name
-            assert "these run: fora, taylorseer" in refused["message"] and refused["unchanged"], name
+            assert "these run: fora, taylorseer, todo (" in refused["message"] and refused["unchanged"], name
+        assert res["ring_todo"] and res["ring_todo"].startswith("todo cannot run") and "ring attention" in \
+            res["ring_todo"] and "these run: fora, taylorseer (" in res["ring_todo"]
+        assert res["ring_fora"]  # caching does not depend on how attention exchanges the slices
         assert res["refused_at_call"] and "toca cannot run" in res["refused_at_call"]
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
     # every process measured the whole sequence's change: the same figures, not its own slice's
     assert ranks[0]["runs"]["fora_adaptive"]["decisions"] == ranks[1]["runs"]["fora_adaptive"]["decisions"]
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("slices", [2, 4])
+def test_pooled_attention_on_gathered_slices_equals_one_process(text_first, slices):
+    """What Ulysses gathers (each process's [text, image] slice, one after another) pools to what the
+    whole sequence pools to on one process: the keys are put back in order first."""
+    import torch.nn.functional as F
+
+    from diffaccel.tokens import ImageSpan, PooledAttention
+
+    grid, text = (1, 8, 6), 4
+    span = ImageSpan(grid, text, text_first)
+    n, length = 48, 52
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=g) for _ in range(3))
+    # positions of the gathered sequence in the whole one: slice r is [text_r, image_r] (or image first)
+    t, i = text // slices, n // slices
+    img0 = text if text_first else 0
+    txt0 = 0 if text_first else n
+    gathered = []
+    for r in range(slices):
+        own_text = list(range(txt0 + r * t, txt0 + (r + 1) * t))
+        own_img = list(range(img0 + r * i, img0 + (r + 1) * i))
+        gathered += own_text + own_img if text_first else own_img + own_text
+    gathered = torch.tensor(gathered)
+    with PooledAttention(span, 2.0, "avg") as one:
+        whole = F.scaled_dot_product_attention(q, k, v)
+    with PooledAttention(span, 2.0, "avg", slices=slices) as split:
+        parts = F.scaled_dot_product_attention(*(x.index_select(2, gathered) for x in (q, k, v)))
+    assert one.hits == split.hits == 1 and one.keys == split.keys == text + 12
+    torch.testing.assert_close(parts, whole.index_select(2, gathered), rtol=1e-5, atol=1e-6)
+    # without putting the keys back in order, the pooling windows mix tokens of other places
+    with PooledAttention(span, 2.0, "avg") as unordered:
+        wrong = F.scaled_dot_product_attention(*(x.index_select(2, gathered) for x in (q, k, v)))
+    assert unordered.hits == 1 and not torch.allclose(wrong, whole.index_select(2, gathered), atol=1e-4)

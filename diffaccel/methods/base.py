@@ -271,10 +271,10 @@ class MethodConfig:
     # Options at which the method changes nothing (zero strength: the contract suite's identity case)
     zero: ClassVar[dict[str, Any]] = {}
 
-    def context_parallel_refusal(self) -> str | None:
-        """Why this setting cannot run on a denoiser whose tokens diffusers' context parallelism splits
-        across processes, or None where it runs there as on one process (see diffaccel.parallel). A
-        method must say that it does: the base refuses."""
+    def context_parallel_refusal(self, cp: Any = None) -> str | None:
+        """Why this setting cannot run on a denoiser whose tokens diffusers' context parallelism (its
+        ContextParallelConfig `cp`) splits across processes, or None where it runs there as on one process
+        (see diffaccel.parallel). A method must say that it does: the base refuses."""
         return "it does not say that it runs on a slice of the tokens"
 
     def __post_init__(self):
@@ -467,9 +467,9 @@ class TokenMethod(MethodConfig):
         defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
         return self.policy is None and all(getattr(self, k) == defaults.get(k) for k in self.params)
 
-    def context_parallel_refusal(self) -> str | None:
-        return ("it lays its token cells or pooling windows over the whole image grid and matches tokens across "
-                "it, while each process holds a slice of the tokens")
+    def context_parallel_refusal(self, cp: Any = None) -> str | None:
+        return ("it reduces tokens by their place on the whole image grid and their similarity across it, while "
+                "each process holds a slice of the tokens")
 
     def act(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> bool:
         """Rewrite the call; whether it changed anything (if not, ctx.notes[site.name] says why)."""
@@ -515,7 +515,7 @@ class CachingMethod(MethodConfig):
     # whether the run's last step is always computed (FORA's code does; ToCa's and TaylorSeer's do not)
     computes_last: ClassVar[bool] = False
 
-    def context_parallel_refusal(self) -> str | None:
+    def context_parallel_refusal(self, cp: Any = None) -> str | None:
         return None  # whole outputs of each process's slice; the schedule is the step counter (diffaccel.parallel)
 
     def policy_params(self) -> tuple[str, ...]:

@@ -57,10 +57,11 @@ def image_span(site: Site, ctx: Context, n: int) -> ImageSpan | None:
     return span if span.start(n) is not None else None
 
 
-def call_image_span(site: Site, ctx: Context, x: torch.Tensor) -> ImageSpan | None:
-    """`image_span` of a call's hidden states x (B, N, C); None, with a note on the site saying why,
-    when its tokens fit no grid."""
-    span = image_span(site, ctx, x.shape[1])
+def call_image_span(site: Site, ctx: Context, x: torch.Tensor, slices: int = 1) -> ImageSpan | None:
+    """`image_span` of a call's hidden states x (B, N, C), or of the sequence `slices` such calls'
+    tokens make together (context parallelism); None, with a note on the site saying why, when its
+    tokens fit no grid."""
+    span = image_span(site, ctx, x.shape[1] * slices)
     if span is None:
         ctx.notes[site.name] = NO_GRID
     return span

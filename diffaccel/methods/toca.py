@@ -104,7 +104,7 @@ class TokenwiseCache(CachingMethod):
     params = ("interval", "fresh_ratio")
     zero = {"fresh_ratio": 1.0}
 
-    def context_parallel_refusal(self) -> str | None:
+    def context_parallel_refusal(self, cp: Any = None) -> str | None:
         return ("it ranks all the image's tokens to choose the fresh ones, while each process holds a slice: "
                 "choosing per process gives another selection than one process makes")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..call import CallRecord, Context, SiteCall
 from ..cost import pooling_estimate
+from ..parallel import ring
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import POOL_MODES, PooledAttention, pool_tokens
@@ -127,18 +128,26 @@ class ToDoConfig(TokenMethod):
     def is_identity(self, params: dict) -> bool:
         return params["factor"] == 1.0  # (0 is auto)
 
+    def context_parallel_refusal(self, cp: Any = None) -> str | None:
+        if cp is not None and ring(cp):
+            return ("it pools the whole sequence's keys and values, and ring attention hands each attention call "
+                    "one process's slice of them (Ulysses gathers the whole sequence: ToDo runs there)")
+        return None
+
     def frames_factor(self, frames: int, span: int = 1) -> float:
         """factor_t, at most the frames; 0 = `default_frames`, as ToMe's st."""
         return min(float(frames), float(self.factor_t or default_frames(frames, span)))
 
     def act(self, site: Site, ctx: Context, params: dict, call: SiteCall) -> bool:
         x = call.hidden
-        span = call_image_span(site, ctx, x)
+        # context parallelism (Ulysses): the call holds 1 / world of the sequence; its attention sees the
+        # whole of it, where PooledAttention pools (diffaccel.parallel)
+        span = call_image_span(site, ctx, x, ctx.world)
         if span is None:
             return False
         # the processor decides, at each call: it may have been swapped since acceleration (fused
         # projections, an IP-Adapter or LoRA loaded, set_attn_processor)
-        plain = kv_attention(site)
+        plain = kv_attention(site) and ctx.world == 1
         if plain and (call.kwargs.get(site.kv_arg) is not None or call.get("attention_mask", 2) is not None
                       or call.kwargs.get("mask") is not None):
             ctx.notes[site.name] = "its call carries a context or a mask: not plain self-attention, so it is not pooled"
@@ -152,11 +161,11 @@ class ToDoConfig(TokenMethod):
             if not estimate.worth_it:
                 ctx.notes[site.name] = estimate.why()
                 return False
-        call.keys_values = x.shape[1] - span.n + pooled
+        call.keys_values = x.shape[1] - (span.n - pooled) // ctx.world
         if plain:
             call.kwargs[site.kv_arg] = pool_tokens(x, *span.grid, factor, self.mode, ft)
             return True
-        pooling = PooledAttention(span, factor, self.mode, ft)
+        pooling = PooledAttention(span, factor, self.mode, ft, slices=ctx.world)
         call.arounds.append(pooling)
 
         def check(out):
