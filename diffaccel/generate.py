@@ -342,16 +342,24 @@ def generate(args: argparse.Namespace) -> int:
     _check_run(out, settings)
     done = finished(out, prompts)
     state.wait_for_everyone()  # every process has read what is done before any writes
-    if state.is_main_process and not (out / "run.json").exists():
+    pending = [p for p in prompts if p.id not in done]  # the same list on every process
+    torch.set_num_threads(args.threads) if args.threads else None
+    pipe = None
+    if pending:  # (a rerun with everything done only merges)
+        with quiet_libraries():
+            try:
+                pipe, _, _ = load_pipeline(args.model, args.weights, state.device, DTYPES[args.dtype])
+            except (OSError, ValueError, TypeError) as e:
+                raise SystemExit(f"--model {args.model}: {e}") from None
+            pipe.set_progress_bar_config(disable=True)
+            if methods:
+                try:
+                    accelerate_pipeline(pipe, methods)
+                except (TypeError, ValueError, RuntimeError) as e:
+                    raise SystemExit(f"the acceleration cannot run on this pipeline: {e}") from None
+    if state.is_main_process and pending and not (out / "run.json").exists():  # (settings that ran)
         (out / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "version": 1, "settings": settings},
                                                  indent=1) + "\n", encoding="utf-8")
-    pending = [p for p in prompts if p.id not in done]
-    torch.set_num_threads(args.threads) if args.threads else None
-    with quiet_libraries():
-        pipe, _, _ = load_pipeline(args.model, args.weights, state.device, DTYPES[args.dtype])
-        pipe.set_progress_bar_config(disable=True)
-        if methods:
-            accelerate_pipeline(pipe, methods)
     part = out / PART.format(state.process_index)
     generated = failed = 0
     state.wait_for_everyone()  # the clock starts when every process has its pipeline

@@ -164,6 +164,28 @@ def test_a_line_cut_short_by_a_kill_is_generated_again(tmp_path):
     assert [r["id"] for r in read_records(out)] == ["000000", "000001", "000002"]
 
 
+def test_a_saved_pipeline_folder_and_a_saved_acceleration(tmp_path):
+    """--model reads a from_pretrained folder (safetensors), --config a saved acceleration: the same images
+    as the embedded pipeline with the same method, and the config in every record."""
+    from diffaccel import save_config
+    from diffaccel.testing import default_pipeline
+
+    folder = tmp_path / "pipe"
+    default_pipeline().save_pretrained(folder, safe_serialization=True)
+    config = save_config(tmp_path / "acc.json", "fora", interval=2)
+    prompts = _prompts(tmp_path, 2)
+    common = ["--size", "64", "--steps", "3", "--prompts", str(prompts)]
+    assert main(["generate", *common, "--model", str(folder), "--config", str(config), "--out",
+                 str(tmp_path / "a")]) == 0
+    assert main(["generate", *common, "--model", "random-sd", "--method", "fora:interval=2", "--out",
+                 str(tmp_path / "b")]) == 0
+    rows = _manifest(tmp_path / "a")
+    assert [r["acceleration"] for r in rows] == [json.loads(config.read_text())] * 2
+    assert rows[0]["model"] == str(folder)
+    for r in rows:
+        assert np.array_equal(_pixels(tmp_path / "a" / r["files"][0]), _pixels(tmp_path / "b" / r["files"][0]))
+
+
 def test_video_output_is_written_as_frames(tmp_path):
     class Output:
         frames = [[np.full((8, 8, 3), 0.5, dtype=np.float32), np.zeros((8, 8, 3), dtype=np.float32)]]
@@ -302,3 +324,13 @@ def test_pooled_attention_on_gathered_slices_equals_one_process(text_first, slic
     with PooledAttention(span, 2.0, "avg") as unordered:
         wrong = F.scaled_dot_product_attention(*(x.index_select(2, gathered) for x in (q, k, v)))
     assert unordered.hits == 1 and not torch.allclose(wrong, whole.index_select(2, gathered), atol=1e-4)
+
+
+def test_a_model_that_does_not_load_is_a_clear_error_and_a_corrected_rerun_runs(tmp_path):
+    prompts, out = _prompts(tmp_path, 1), tmp_path / "out"
+    with pytest.raises(SystemExit, match=f"--model {tmp_path / 'missing'}: "):
+        main(["generate", "--prompts", str(prompts), "--model", str(tmp_path / "missing"), "--out", str(out)])
+    assert not (out / "run.json").exists()  # nothing ran: no settings recorded that would refuse the rerun
+    with pytest.raises(SystemExit, match="the acceleration cannot run on this pipeline: tome and sito would both"):
+        main(["generate", "--prompts", str(prompts), *GEN, "--method", "tome", "sito", "--out", str(out)])
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
