@@ -7,7 +7,8 @@ across processes and machines with `accelerate launch`.
 Prompts are a text file (one prompt per line; blank lines are skipped) or JSONL (one object per line:
 "prompt", and optionally "id", "seed", "size" / "height" / "width", "negative_prompt"). Each prompt gets
 an id (given, or its position: 000000, 000001, ...) and its image is written as `images/<id>.png`
-(a video's frames as `frames/<id>/0000.png`, ...).
+(a video's frames as `frames/<id>/0000.png`, ...). `--batch-size N` puts up to N consecutive prompts of
+one size in one pipeline call (each with its own seed).
 
 Sharding and resuming: every process reads what earlier runs finished (the manifest parts in the output
 folder), all wait until every one has read, then accelerate's process state splits the unfinished
@@ -238,12 +239,12 @@ def _save(image: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_output(output: Any, out: Path, ident: str) -> list[str]:
-    """Write one prompt's result (a pipeline output of one image, or of one video's frames); returns the
-    files written, relative to `out`."""
+def save_output(output: Any, out: Path, ident: str, k: int = 0) -> list[str]:
+    """Write the `k`-th result of a pipeline output (an image, or a video's frames) as prompt `ident`'s;
+    returns the files written, relative to `out`."""
     frames = getattr(output, "frames", None)
     if frames is not None:
-        video = frames[0]
+        video = frames[k]
         names = [f"frames/{ident}/{k:04d}.png" for k in range(len(video))]
         for frame, name in zip(video, names):
             _save(frame, out / name)
@@ -252,7 +253,7 @@ def save_output(output: Any, out: Path, ident: str) -> list[str]:
     if images is None:
         raise TypeError(f"the pipeline returned {type(output).__name__}, which has neither images nor frames")
     name = f"images/{ident}.png"
-    _save(images[0], out / name)
+    _save(images[k], out / name)
     return [name]
 
 
@@ -267,11 +268,27 @@ def _state():
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
-def _call_kwargs(pipe: Any, p: Prompt, steps: int | None, guidance: float | None) -> dict:
+def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
+    """Consecutive prompts grouped into pipeline calls of at most `size`: one call takes one image size,
+    and negative prompts for all of its prompts or for none."""
+    out: list[list[Prompt]] = []
+    for p in prompts:
+        last = out[-1] if out else None
+        if last and len(last) < size and (last[0].height, last[0].width, last[0].negative_prompt is None) == (
+                p.height, p.width, p.negative_prompt is None):
+            last.append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def _call_kwargs(pipe: Any, batch: list[Prompt], steps: int | None, guidance: float | None) -> dict:
     import inspect
 
     params = inspect.signature(pipe.__call__).parameters
-    kwargs: dict[str, Any] = {"prompt": p.prompt, "generator": torch.Generator().manual_seed(p.seed)}
+    p = batch[0]
+    kwargs: dict[str, Any] = {"prompt": [q.prompt for q in batch],
+                              "generator": [torch.Generator().manual_seed(q.seed) for q in batch]}
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if p.height is not None:
@@ -281,7 +298,7 @@ def _call_kwargs(pipe: Any, p: Prompt, steps: int | None, guidance: float | None
     if p.negative_prompt is not None:
         if "negative_prompt" not in params:
             raise ValueError(f"{type(pipe).__name__} takes no negative prompt")
-        kwargs["negative_prompt"] = p.negative_prompt
+        kwargs["negative_prompt"] = [q.negative_prompt for q in batch]
     if "clean_caption" in params:  # PixArt: its cleaning needs bs4/ftfy, and cleans nothing without them
         kwargs["clean_caption"] = False
     if "output_type" in params:
@@ -317,6 +334,8 @@ def generate(args: argparse.Namespace) -> int:
         raise SystemExit("give --method or --config, not both")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps is a positive int, got {args.steps}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size is a positive int, got {args.batch_size}")
     height, width = args.size if args.size else (None, None)
     try:
         prompts = read_prompts(args.prompts, seed=args.seed, size=(height, width), negative_prompt=args.negative_prompt)
@@ -365,29 +384,36 @@ def generate(args: argparse.Namespace) -> int:
     state.wait_for_everyone()  # the clock starts when every process has its pipeline
     start = time.perf_counter()
     with state.split_between_processes(pending) as mine:
-        bar = tqdm(mine, desc=f"process {state.process_index}", position=state.process_index, unit="image",
-                   dynamic_ncols=True, leave=True)
-        for p in bar:
-            record = {"id": p.id, "index": p.index, "line": p.line, **p.fields(), "steps": args.steps,
-                      "guidance": args.guidance, "model": args.model, "dtype": args.dtype,
-                      "acceleration": acceleration, "process": state.process_index,
-                      "num_processes": state.num_processes}
+        bar = tqdm(total=len(mine), desc=f"process {state.process_index}", position=state.process_index,
+                   unit="image", dynamic_ncols=True, leave=True)
+        queue = batches(mine, args.batch_size)
+        while queue:
+            batch = queue.pop(0)
             t0 = time.perf_counter()
             try:
                 with quiet_libraries(), torch.inference_mode():
-                    output = pipe(**_call_kwargs(pipe, p, args.steps, args.guidance))
+                    output = pipe(**_call_kwargs(pipe, batch, args.steps, args.guidance))
                 seconds = time.perf_counter() - t0
-                files = save_output(output, out, p.id)
-                record.update(status="ok", files=files, seconds=round(seconds, 4))
-                generated += 1
+                results = [dict(status="ok", files=save_output(output, out, p.id, k)) for k, p in enumerate(batch)]
             except Exception as e:  # recorded, and the other prompts go on
-                record.update(status="failed", error=f"{type(e).__name__}: {e}",
-                              where=traceback.format_exc(limit=-1).strip().splitlines()[-3:-1],
-                              seconds=round(time.perf_counter() - t0, 4))
-                failed += 1
-                bar.write(f"process {state.process_index}: prompt {p.id} (line {p.line}) failed: {record['error']}")
-            record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            _append(part, record)
+                if len(batch) > 1:  # one prompt may have failed the call: each alone
+                    queue[:0] = [[p] for p in batch]
+                    continue
+                seconds = time.perf_counter() - t0
+                results = [dict(status="failed", error=f"{type(e).__name__}: {e}",
+                                where=traceback.format_exc(limit=-1).strip().splitlines()[-3:-1])]
+                bar.write(f"process {state.process_index}: prompt {batch[0].id} (line {batch[0].line}) failed: "
+                          f"{results[0]['error']}")
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            for p, result in zip(batch, results):
+                _append(part, {"id": p.id, "index": p.index, "line": p.line, **p.fields(), "steps": args.steps,
+                               "guidance": args.guidance, "model": args.model, "dtype": args.dtype,
+                               "acceleration": acceleration, **result, "seconds": round(seconds, 4),
+                               "batch": len(batch), "process": state.process_index,
+                               "num_processes": state.num_processes, "finished": when})
+            generated += sum(r["status"] == "ok" for r in results)
+            failed += sum(r["status"] == "failed" for r in results)
+            bar.update(len(batch))
         bar.close()
     elapsed = time.perf_counter() - start
     mine = [(generated, failed, elapsed)]
@@ -433,6 +459,8 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     g.add_argument("--negative-prompt", default=None, help="where a prompt gives none")
     g.add_argument("--seed", type=int, default=0, help="a prompt without its own seed gets this + its position")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call, each with its own seed "
+                   "(consecutive prompts of one size; a call that fails is retried one prompt at a time)")
     g.add_argument("--dtype", choices=list(DTYPES), default="float32")
     g.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
     g.add_argument("--out", required=True, metavar="DIR",

@@ -334,3 +334,50 @@ def test_a_model_that_does_not_load_is_a_clear_error_and_a_corrected_rerun_runs(
     with pytest.raises(SystemExit, match="the acceleration cannot run on this pipeline: tome and sito would both"):
         main(["generate", "--prompts", str(prompts), *GEN, "--method", "tome", "sito", "--out", str(out)])
     assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+
+
+def test_batches_group_prompts_of_one_size_and_a_failed_call_is_retried_one_by_one(tmp_path, monkeypatch):
+    from diffaccel import generate as gen
+    from diffaccel import loading
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "size": 32}, {"prompt": "boom"}, {"prompt": "e"},
+        {"prompt": "f", "negative_prompt": "x"}, {"prompt": "g"}]))
+    groups = gen.batches(read_prompts(path, size=(64, 64)), 3)
+    assert [[p.prompt for p in b] for b in groups] == [["a", "b"], ["c"], ["boom", "e"], ["f"], ["g"]]
+
+    calls = []
+    real = loading.load_pipeline
+
+    def load(*args, **kwargs):
+        pipe, kind, ref = real(*args, **kwargs)
+        original = type(pipe).__call__
+
+        class Failing(type(pipe)):
+            def __call__(self, *a, **kw):
+                calls.append(list(kw["prompt"]))
+                if "boom" in kw["prompt"]:
+                    raise RuntimeError("this prompt breaks the call")
+                return original(self, *a, **kw)
+
+        Failing.__call__.__wrapped__ = original  # its signature: the pipeline's
+        pipe.__class__ = Failing
+        return pipe, kind, ref
+
+    monkeypatch.setattr(loading, "load_pipeline", load)
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(path), *GEN, "--batch-size", "3", "--out", str(out)]) == 1
+    assert calls == [["a", "b"], ["c"], ["boom", "e"], ["boom"], ["e"], ["f"], ["g"]]
+    rows = _manifest(out)
+    assert [(r["prompt"], r["status"], r["batch"]) for r in rows] == [
+        ("a", "ok", 2), ("b", "ok", 2), ("c", "ok", 1), ("boom", "failed", 1), ("e", "ok", 1), ("f", "ok", 1),
+        ("g", "ok", 1)]
+    assert rows[3]["error"] == "RuntimeError: this prompt breaks the call"
+    # a batched image is the image of its own seed: as generated alone (up to the batch's rounding)
+    alone = tmp_path / "alone"
+    monkeypatch.setattr(loading, "load_pipeline", real)
+    path.write_text('{"prompt": "b", "seed": 1}\n')
+    assert main(["generate", "--prompts", str(path), *GEN, "--out", str(alone)]) == 0
+    diff = np.abs(_pixels(out / "images/000001.png").astype(int) - _pixels(alone / "images/000000.png").astype(int))
+    assert diff.max() <= 2, diff.max()
