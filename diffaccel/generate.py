@@ -42,6 +42,7 @@ MANIFEST = "manifest.jsonl"
 PART = "manifest.part-{:05d}.jsonl"
 PART_GLOB = "manifest.part-*.jsonl"
 PROMPT_KEYS = ("prompt", "id", "seed", "size", "height", "width", "negative_prompt")
+ERROR_CHARS = 2000  # of a failure's message kept in the manifest
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -167,12 +168,20 @@ def read_records(out: Path) -> list[dict]:
     return records
 
 
-def latest(records: list[dict]) -> dict[str, dict]:
-    """Per prompt id, its record that counts: the last finished one, else the last failure."""
+def latest(records: list[dict], prompts: list[Prompt] | None = None) -> dict[str, dict]:
+    """Per prompt id, its record that counts: one made for the prompt as `prompts` has it now (the same
+    text, seed, size and negative prompt) over one made for what the id was before, then a finished one
+    over a failure, then the one read last (the parts are read in process order, not in time order)."""
+    now = {p.id: p.fields() for p in prompts or []}
+
+    def rank(r: dict) -> tuple[bool, bool]:
+        fields = now.get(r["id"])
+        return fields is None or all(r.get(k) == v for k, v in fields.items()), r.get("status") == "ok"
+
     out: dict[str, dict] = {}
     for r in records:
         kept = out.get(r["id"])
-        if kept is None or r.get("status") == "ok" or kept.get("status") != "ok":
+        if kept is None or rank(r) >= rank(kept):
             out[r["id"]] = r
     return out
 
@@ -180,7 +189,7 @@ def latest(records: list[dict]) -> dict[str, dict]:
 def finished(out: Path, prompts: list[Prompt]) -> set[str]:
     """Ids of the prompts a run in `out` finished: an "ok" record for the same prompt, seed, size and
     negative prompt, whose files are all there."""
-    kept = latest(read_records(out))
+    kept = latest(read_records(out), prompts)
     done = set()
     for p in prompts:
         r = kept.get(p.id)
@@ -194,7 +203,7 @@ def finished(out: Path, prompts: list[Prompt]) -> set[str]:
 def merge(out: Path, prompts: list[Prompt] | None = None) -> list[dict]:
     """Write `manifest.jsonl`: one record per prompt that has one (the one that counts), in prompt
     order; atomically (a temporary file renamed over the old one). Returns the records."""
-    kept = latest(read_records(out))
+    kept = latest(read_records(out), prompts)
     order = {p.id: p.index for p in prompts} if prompts is not None else {}
     rows = sorted(kept.values(), key=lambda r: (order.get(r["id"], r.get("index", 0)), r["id"]))
     tmp = out / (MANIFEST + ".tmp")
@@ -400,7 +409,7 @@ def generate(args: argparse.Namespace) -> int:
                     queue[:0] = [[p] for p in batch]
                     continue
                 seconds = time.perf_counter() - t0
-                results = [dict(status="failed", error=f"{type(e).__name__}: {e}",
+                results = [dict(status="failed", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],
                                 where=traceback.format_exc(limit=-1).strip().splitlines()[-3:-1])]
                 bar.write(f"process {state.process_index}: prompt {batch[0].id} (line {batch[0].line}) failed: "
                           f"{results[0]['error']}")
@@ -416,8 +425,8 @@ def generate(args: argparse.Namespace) -> int:
             bar.update(len(batch))
         bar.close()
     elapsed = time.perf_counter() - start
-    mine = [(generated, failed, elapsed)]
-    gathered = gather_object(mine) if state.num_processes > 1 else mine  # every process's counts, everywhere
+    counts = [(generated, failed, elapsed)]
+    gathered = gather_object(counts) if state.num_processes > 1 else counts  # every process's, everywhere
     if state.is_main_process:
         rows = merge(out, prompts)
         made = sum(g for g, _, _ in gathered)

@@ -381,3 +381,17 @@ def test_batches_group_prompts_of_one_size_and_a_failed_call_is_retried_one_by_o
     assert main(["generate", "--prompts", str(path), *GEN, "--out", str(alone)]) == 0
     diff = np.abs(_pixels(out / "images/000001.png").astype(int) - _pixels(alone / "images/000000.png").astype(int))
     assert diff.max() <= 2, diff.max()
+
+
+def test_a_record_of_what_an_id_was_before_does_not_count(tmp_path, capsys):
+    """Parts are read in process order, not in time order: an older record of another process for an id
+    whose prompt has changed since must not win over the record of the prompt as it is now."""
+    prompts, out = _prompts(tmp_path, 2), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    first = _manifest(out)[0]
+    stale = dict(first, prompt="what line 1 said before", process=1)
+    (out / "manifest.part-00001.jsonl").write_text(json.dumps(stale) + "\n")
+    capsys.readouterr()
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    assert "generated 0 images" in capsys.readouterr().out
+    assert _manifest(out)[0] == first
