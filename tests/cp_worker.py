@@ -20,7 +20,9 @@ RUNS = {  # label -> method spec: these run under context parallelism
     "fora_adaptive": {"method": "fora", "interval": 4, "threshold": 0.15},
     "todo": {"method": "todo", "factor": 2},
     "todo_fora": [{"method": "todo", "factor": 2, "mode": "avg"}, "fora"],
+    "todo_adaptive_cfg": [{"method": "todo", "factor": 2}, {"method": "fora", "interval": 4, "threshold": 0.15}],
 }
+GUIDED = {"todo_adaptive_cfg"}  # with classifier-free guidance: two denoiser calls per step
 REFUSED = ["tome", "sito", "toca", "duca"]
 STEPS = 8
 
@@ -38,18 +40,18 @@ def main() -> None:
     case = tiny_case(family)
     result: dict = {"rank": rank, "world": world, "runs": {}}
 
-    def run():
-        return case.run(steps=STEPS, guidance=False)
+    def run(label=""):
+        return case.run(steps=STEPS, guidance=label in GUIDED)
 
     def decisions():
         tracker = installation(case.pipe).denoisers[0].tracker
         return {str(k): v for k, v in sorted(tracker.decisions.items())}
 
-    single = {"baseline": run()}
+    single = {"baseline": run(), "baseline_cfg": run(next(iter(GUIDED)))}
     single_decisions = {}
     for label, spec in RUNS.items():
         accelerate_pipeline(case.pipe, spec)
-        single[label] = run()
+        single[label] = run(label)
         single_decisions[label] = decisions()
         remove_acceleration(case.pipe)
 
@@ -59,9 +61,10 @@ def main() -> None:
                                   "scale": float(single["baseline"].abs().max())}
     for label, spec in RUNS.items():
         accelerate_pipeline(case.pipe, spec)
-        out_cp = run()
+        out_cp = run(label)
+        base_single = single["baseline_cfg" if label in GUIDED else "baseline"]
         result["runs"][label] = {"max_diff": float((out_cp - single[label]).abs().max()),
-                                 "acted": float((single[label] - single["baseline"]).abs().max()),
+                                 "acted": float((single[label] - base_single).abs().max()),
                                  "decisions": decisions(), "single_decisions": single_decisions[label]}
         remove_acceleration(case.pipe)
 

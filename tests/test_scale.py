@@ -270,13 +270,14 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
             assert run["max_diff"] < 1e-5, (label, run["max_diff"])  # as on one process
             if label != "baseline":
                 assert run["acted"] > 1e-3, label  # and the method did act
-        adaptive = res["runs"]["fora_adaptive"]
-        kinds = [d["decision"] for d in adaptive["decisions"].values()]
-        assert "cached" in kinds and kinds.count("compute") >= 2
-        assert [d["decision"] for d in adaptive["single_decisions"].values()] == kinds
-        for step, d in adaptive["decisions"].items():
-            single = adaptive["single_decisions"][step]["change"]
-            assert (d["change"] is None) == (single is None) and (single is None or abs(d["change"] - single) < 1e-5)
+        for adaptive in (res["runs"]["fora_adaptive"], res["runs"]["todo_adaptive_cfg"]):
+            kinds = [d["decision"] for d in adaptive["decisions"].values()]
+            assert "cached" in kinds and kinds.count("compute") >= 2
+            assert [d["decision"] for d in adaptive["single_decisions"].values()] == kinds
+            for step, d in adaptive["decisions"].items():
+                single = adaptive["single_decisions"][step]["change"]
+                assert (d["change"] is None) == (single is None)
+                assert single is None or abs(d["change"] - single) < 1e-5
         for name, refused in res["refused"].items():
             assert refused["message"] and refused["message"].startswith(f"{name} cannot run on a denoiser with "
                                                                         "diffusers' context parallelism"), name
@@ -287,7 +288,8 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
         assert res["refused_at_call"] and "toca cannot run" in res["refused_at_call"]
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
     # every process measured the whole sequence's change: the same figures, not its own slice's
-    assert ranks[0]["runs"]["fora_adaptive"]["decisions"] == ranks[1]["runs"]["fora_adaptive"]["decisions"]
+    for label in ("fora_adaptive", "todo_adaptive_cfg"):
+        assert ranks[0]["runs"][label]["decisions"] == ranks[1]["runs"][label]["decisions"]
 
 
 @pytest.mark.parametrize("text_first", [True, False])
