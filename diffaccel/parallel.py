@@ -14,9 +14,13 @@ What that means for the methods:
   gathered sequence is the processes' slices one after another; where a slice is [text, image] (Flux)
   the keys and values are first put back in the sequence's own order (attention does not depend on
   the order of the keys). Ring attention hands each attention call one slice of the keys: refused.
-- Methods that choose or merge tokens by their place in the whole image and their similarity across it
-  (ToMe, SiTo, ToCa, DuCa) are refused with an error naming why and what runs: each process holds
-  only a slice of the tokens.
+- ToCa and DuCa (Ulysses) score the whole sequence on every process (the slices' scores gathered, the
+  attention statistics summed over the head groups) and pick the fresh tokens one process would; each
+  process computes the picks in its slice, padded to the most any process picked (Ulysses exchanges
+  equal numbers of queries), the padding's outputs thrown away (`TokenwiseCache._refresh_slice`).
+- ToMe and SiTo, which merge or prune by place and similarity across the whole image, are refused with
+  an error naming why and what runs, as is what is not done here (ring attention for the token
+  methods, ToCa's "entropy" score and token-wise forecasts).
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ def ring(cp: Any) -> bool:
     """Whether `cp` passes keys and values around a ring (each attention call then sees one slice of
     them) rather than gathering the whole sequence per head group (Ulysses)."""
     return (getattr(cp, "ring_degree", 1) or 1) > 1
+
+
+def gather_along(group: Any, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every process's `t` (of one shape) concatenated along `dim` in process order: the whole
+    sequence's values where each process holds a slice."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def rank_in(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
 
 
 def sum_over(group: Any, *values: torch.Tensor) -> torch.Tensor:

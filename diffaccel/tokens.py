@@ -245,6 +245,19 @@ def rope_seq_dim(t: torch.Tensor) -> int:
     return 0 if t.ndim == 2 else 1
 
 
+def slice_order(span: ImageSpan, slices: int, device: torch.device | None = None) -> torch.Tensor:
+    """Where the tokens of a [text, image] (or [image, text]) sequence stand once `slices` equal slices
+    of it, each laid out as the whole is, are put one after another (what the processes of context
+    parallelism hold, and what Ulysses attention gathers): position i of the result is where the
+    sequence's token i stands there."""
+    text, img = span.text // slices, span.n // slices
+    first, second = (text, img) if span.text_first else (img, text)
+    part = torch.arange(slices, device=device) * (first + second)
+    a = (part[:, None] + torch.arange(first, device=device)).flatten()
+    b = (part[:, None] + first + torch.arange(second, device=device)).flatten()
+    return torch.cat([a, b])
+
+
 class PooledAttention(torch.overrides.TorchFunctionMode):
     """ToDo inside an attention processor: while active, each scaled_dot_product_attention call whose
     keys are this span's sequence (image tokens alone or with the text of a joint sequence, after the
@@ -265,15 +278,9 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
 
     def _order(self, length: int, device: torch.device) -> torch.Tensor | None:
         """Positions in gathered slices of the sequence's tokens, in its own order (None: already in it)."""
-        span, s = self.span, self.slices
-        if s == 1 or length == span.n:
+        if self.slices == 1 or length == self.span.n:
             return None
-        text, img = span.text // s, span.n // s
-        first, second = (text, img) if span.text_first else (img, text)
-        part = torch.arange(s, device=device) * (first + second)
-        a = (part[:, None] + torch.arange(first, device=device)).flatten()
-        b = (part[:, None] + first + torch.arange(second, device=device)).flatten()
-        return torch.cat([a, b])
+        return slice_order(self.span, self.slices, device)
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         b, heads, n, d = t.shape

@@ -21,9 +21,15 @@ RUNS = {  # label -> method spec: these run under context parallelism
     "todo": {"method": "todo", "factor": 2},
     "todo_fora": [{"method": "todo", "factor": 2, "mode": "avg"}, "fora"],
     "todo_adaptive_cfg": [{"method": "todo", "factor": 2}, {"method": "fora", "interval": 4, "threshold": 0.15}],
+    "toca": "toca",  # the "change" score, cells, staleness
+    "toca_attention": {"method": "toca", "score": "attention", "cell": 0, "fresh_ratio": 0.2},
+    "toca_random_cfg": {"method": "toca", "score": "random", "interval": 2},
+    "duca": "duca",  # the "vnorm" score, whole blocks on aggressive steps
+    "duca_sublayers": {"method": "duca", "aggressive": "sublayers", "score": "attention"},
 }
-GUIDED = {"todo_adaptive_cfg"}  # with classifier-free guidance: two denoiser calls per step
-REFUSED = ["tome", "sito", "toca", "duca"]
+GUIDED = {"todo_adaptive_cfg", "toca_random_cfg"}  # with classifier-free guidance: two denoiser calls per step
+REFUSED = {"tome": "tome", "sito": "sito", "toca_entropy": {"method": "toca", "score": "entropy"},
+           "toca_forecast": {"method": "toca", "forecast": "taylor", "order": 1}}
 STEPS = 8
 
 
@@ -70,20 +76,20 @@ def main() -> None:
 
     before = snapshot(case.pipe)
     result["refused"] = {}
-    for name in REFUSED:
+    for label, spec in REFUSED.items():
         try:
-            accelerate_pipeline(case.pipe, name)
+            accelerate_pipeline(case.pipe, spec)
             message = None
             remove_acceleration(case.pipe)
         except ValueError as e:
             message = str(e)
-        result["refused"][name] = {"message": message, "unchanged": snapshot(case.pipe) == before}
+        result["refused"][label] = {"message": message, "unchanged": snapshot(case.pipe) == before}
 
-    # ring attention: ToDo is refused, FORA is not
+    # ring attention: ToDo and ToCa are refused, FORA is not
     ringed = tiny_case(family, seed=2)
     ringed.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
     try:
-        accelerate_pipeline(ringed.pipe, "todo")
+        accelerate_pipeline(ringed.pipe, ["todo", "toca"])
         result["ring_todo"] = None
     except ValueError as e:
         result["ring_todo"] = str(e)
@@ -92,7 +98,7 @@ def main() -> None:
 
     # context parallelism enabled after the acceleration: refused at the first call
     later = tiny_case(family, seed=1)
-    accelerate_pipeline(later.pipe, "toca")
+    accelerate_pipeline(later.pipe, "tome")
     later.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     try:
         later.run(steps=STEPS, guidance=False)

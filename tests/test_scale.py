@@ -1,7 +1,8 @@
 """Scaling out: `diffaccel generate` sharded over two processes with accelerate (every prompt once, the
 manifest complete, a killed run resumed without duplicates, failures recorded, bad prompt files
 refused), and the methods under diffusers' context parallelism on two gloo processes: FORA,
-TaylorSeer (static, forecast, adaptive) and ToDo give what one process gives, the others are refused."""
+TaylorSeer (static, forecast, adaptive), ToDo, ToCa and DuCa give what one process gives, ToMe and
+SiTo (and what is not done under it) are refused."""
 
 from __future__ import annotations
 
@@ -278,14 +279,18 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
                 single = adaptive["single_decisions"][step]["change"]
                 assert (d["change"] is None) == (single is None)
                 assert single is None or abs(d["change"] - single) < 1e-5
-        for name, refused in res["refused"].items():
+        for label, refused in res["refused"].items():
+            name = label.split("_")[0]
             assert refused["message"] and refused["message"].startswith(f"{name} cannot run on a denoiser with "
-                                                                        "diffusers' context parallelism"), name
-            assert "these run: fora, taylorseer, todo (" in refused["message"] and refused["unchanged"], name
-        assert res["ring_todo"] and res["ring_todo"].startswith("todo cannot run") and "ring attention" in \
+                                                                        "diffusers' context parallelism"), label
+            assert "these run: duca, fora, taylorseer, toca, todo (" in refused["message"], label
+            assert refused["unchanged"], label
+        assert "'entropy' score is not done" in res["refused"]["toca_entropy"]["message"]
+        assert "forecasting is not done" in res["refused"]["toca_forecast"]["message"]
+        assert res["ring_todo"] and res["ring_todo"].startswith("todo, toca cannot run") and "ring attention" in \
             res["ring_todo"] and "these run: fora, taylorseer (" in res["ring_todo"]
         assert res["ring_fora"]  # caching does not depend on how attention exchanges the slices
-        assert res["refused_at_call"] and "toca cannot run" in res["refused_at_call"]
+        assert res["refused_at_call"] and "tome cannot run" in res["refused_at_call"]
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
     # every process measured the whole sequence's change: the same figures, not its own slice's
     for label in ("fora_adaptive", "todo_adaptive_cfg"):

@@ -57,9 +57,10 @@ import torch.nn.functional as F
 
 from ..call import CacheEntry, Context, Plan, SiteCall
 from ..kernels import gather_tokens, scatter_tokens
+from ..parallel import gather_along, rank_in, ring
 from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
-from ..tokens import AttentionProbe, expand_rows
+from ..tokens import AttentionProbe, expand_rows, slice_order
 from .base import CachingMethod, check_choice, check_number, option, register
 from .common import SUBLAYERS, BlockRandom, cfg_rows, image_span, kv_attention, warmup_window
 
@@ -105,8 +106,18 @@ class TokenwiseCache(CachingMethod):
     zero = {"fresh_ratio": 1.0}
 
     def context_parallel_refusal(self, cp: Any = None) -> str | None:
-        return ("it ranks all the image's tokens to choose the fresh ones, while each process holds a slice: "
-                "choosing per process gives another selection than one process makes")
+        # Under Ulysses every process scores the whole sequence (the slices' scores gathered, the attention
+        # statistics summed over the head groups) and takes the same fresh tokens one process would take
+        # (see `_refresh_slice`).
+        if cp is not None and ring(cp):
+            return ("its fresh tokens under ring attention are not done (the attention statistics it scores with "
+                    "see one slice of the keys at a time; ring attention does not run here on the CPU to test it)")
+        if self.score == "entropy":
+            return ("its 'entropy' score is not done under context parallelism (the other scores are: 'change', "
+                    "'vnorm', 'random', 'attention')")
+        if self.forecast != "reuse":
+            return "its token-wise forecasting is not done under context parallelism (forecast='reuse' is)"
+        return None
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -210,7 +221,7 @@ class TokenwiseCache(CachingMethod):
         """A ToCa step at this site: all tokens fresh (RECOMPUTE, the cycle keeps its start), none
         (REUSE), or some (PARTIAL). Without a call (a compiled denoiser's plan, made before it), `n`
         tokens and the arguments checked by `traced_plan`."""
-        n = call.hidden.shape[1] if call is not None else n
+        n = (call.hidden.shape[1] if call is not None else n) * getattr(ctx, "world", 1)  # the whole sequence's
         k = self.fresh_count(site, ctx, params, n)
         if k >= n:
             return Plan.RECOMPUTE
@@ -238,7 +249,9 @@ class TokenwiseCache(CachingMethod):
 
     def init_entry(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, hidden: torch.Tensor) -> None:
         rows = cfg_rows(hidden, ctx)
-        entry.extra["staleness"] = torch.zeros(rows.shape[:2], dtype=torch.int32, device=hidden.device)
+        # (context parallelism: of the whole sequence, which every process scores and refreshes alike)
+        total = rows.shape[1] * getattr(ctx, "world", 1)
+        entry.extra["staleness"] = torch.zeros(rows.shape[0], total, dtype=torch.int32, device=hidden.device)
         if self.score == "change":
             entry.extra["input"] = rows.detach().clone()
 
@@ -259,6 +272,9 @@ class TokenwiseCache(CachingMethod):
                 result = _value_norm(site.module, x)  # the processor does not call SDPA (e.g. xformers)
             if result is None:
                 return out
+            if getattr(ctx, "world", 1) > 1:  # Ulysses: this process saw the whole sequence for its heads
+                torch.distributed.all_reduce(result, group=ctx.group)
+                result = result / ctx.world if stat == "received" else result  # (a mean over the heads)
             if idx is None:
                 ctx.state[key] = result
             elif key in ctx.state and ctx.state[key].shape[0] == result.shape[0]:
@@ -268,6 +284,8 @@ class TokenwiseCache(CachingMethod):
         call.restores.append(record)
 
     def refresh(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> None:
+        if getattr(ctx, "world", 1) > 1:
+            return self._refresh_slice(site, ctx, params, entry, call)
         x = call.hidden
         n = x.shape[1]
         size = params.get("fresh_size")  # (a compiled denoiser's count, as a symbolic size)
@@ -302,6 +320,90 @@ class TokenwiseCache(CachingMethod):
             call.restores.append(self._forecast_restore(ctx, params, entry, idx))
         self._probe(site, ctx, call, idx)
 
+    def _refresh_slice(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> None:
+        """`refresh` under context parallelism (Ulysses), where this call holds slice `rank` of `world`
+        equal slices of the sequence: every process scores the whole sequence (in the slices' order: the
+        slices one after another) and picks the same fresh tokens one process would; each computes those
+        in its own slice, padded with tokens it does not pick to the most any process picks (Ulysses
+        exchanges equal numbers of queries), whose outputs are discarded."""
+        x = call.hidden
+        n, world = x.shape[1], ctx.world
+        total = n * world
+        k = self.fresh_count(site, ctx, params, total)
+        stale = entry.extra["staleness"]
+        shared = ("fresh", site.block, site.layout, n, k) if site.kind == "ff" else None
+        picked = ctx.shared.get(shared) if shared else None
+        rows = cfg_rows(x, ctx)
+        if picked is None:
+            score = self.slice_score(site, ctx, entry, rows)
+            if self.staleness_weight:
+                score = score + (self.staleness_weight / self.interval) * stale
+            if self.cell and self.cell_weight:
+                score = score + self.slice_cell_bonus(site, ctx, score)
+            picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B', k), whole sequence
+            if shared:
+                ctx.shared[shared] = picked
+        stale.add_(1).scatter_(1, picked, 0)
+        lo = rank_in(ctx.group) * n
+        ranks = torch.div(picked, n, rounding_mode="floor")  # (B', k): the process each pick is in
+        most = int(torch.nn.functional.one_hot(ranks, world).sum(dim=1).max())  # over rows and processes
+        here = torch.zeros(rows.shape[0], n + 1, dtype=torch.bool, device=x.device)
+        here.scatter_(1, torch.where(ranks == lo // n, picked - lo, n), True)
+        here = here[:, :n]
+        # this slice's picks first (in order), then the tokens it does not pick (padding)
+        positions = torch.arange(n, device=x.device)
+        local = torch.where(here, positions, positions + n).argsort(dim=1)[:, :most]
+        valid = torch.arange(most, device=x.device) < here.sum(dim=1, keepdim=True)  # (B', most)
+        if "input" in entry.extra:
+            old = gather_tokens(entry.extra["input"], local)
+            scatter_tokens(entry.extra["input"], local, torch.where(valid[..., None], gather_tokens(rows, local), old))
+        idx = expand_rows(local, x.shape[0])
+        keep = expand_rows(valid, x.shape[0])[..., None]
+        if site.kind == "self_attn" and call.kwargs.get(site.kv_arg) is None:
+            call.kwargs[site.kv_arg] = x  # keys and values of every token
+            call.keys_values = call.keys_values or n
+        call.hidden = gather_tokens(x, idx)
+        call.reduced = True
+        cached = entry.output
+
+        def restore(out):
+            return scatter_tokens(cached, idx, torch.where(keep, out.to(cached.dtype), gather_tokens(cached, idx)))
+
+        call.restores.append(restore)
+        self._probe(site, ctx, call, idx)
+
+    def slice_score(self, site: Site, ctx: Context, entry: CacheEntry, rows: torch.Tensor) -> torch.Tensor:
+        """`primary_score` of the whole sequence under context parallelism: (B', n x world), the slices'
+        scores one after another."""
+        total = rows.shape[1] * ctx.world
+        if self.score == "change":
+            local = _relative_change(rows, entry.extra["input"])
+            return F.normalize(gather_along(ctx.group, local, 1), dim=1)
+        if self.score in PROBES:
+            stat = self.block_statistic(site, ctx, total, slices=ctx.world)
+            if stat is not None:
+                return F.normalize(stat, dim=1)
+            ctx.notes[site.name] = (f"the {self.score!r} score has no source in this block (its "
+                                    f"{PROBES[self.score][1]} does not call scaled_dot_product_attention, or "
+                                    f"there is none): random tokens")
+        draws = BlockRandom(self.seed, ctx, site).rand((rows.shape[0], total)).to(rows.device)  # the sequence's order
+        span = image_span(site, ctx, total)
+        if span is None or not span.text or total == span.n:
+            return draws
+        out = torch.empty_like(draws)
+        out[:, slice_order(span, ctx.world, draws.device)] = draws
+        return out
+
+    def slice_cell_bonus(self, site: Site, ctx: Context, score: torch.Tensor) -> torch.Tensor:
+        """`cell_bonus` of a score in the slices' order: taken in the sequence's own order and put back."""
+        span = image_span(site, ctx, score.shape[1])
+        if span is None or not span.text or score.shape[1] == span.n:
+            return self.cell_bonus(site, ctx, score)  # image tokens only: the slices' order is the image's
+        order = slice_order(span, ctx.world, score.device)
+        bonus = torch.empty_like(score)
+        bonus[:, order] = self.cell_bonus(site, ctx, score[:, order])
+        return bonus
+
     def _forecast_restore(self, ctx: Context, params: dict, entry: CacheEntry, idx: torch.Tensor):
         """Token-wise forecasting: the step's output is the entry's forecast at this step with the fresh
         tokens' computed outputs in place; each fresh token keeps the gap between its output and the
@@ -335,11 +437,12 @@ class TokenwiseCache(CachingMethod):
                                     f"there is none): random tokens")
         return BlockRandom(self.seed, ctx, site).rand(rows.shape[:2]).to(rows.device)
 
-    def block_statistic(self, site: Site, ctx: Context, n: int) -> torch.Tensor | None:
+    def block_statistic(self, site: Site, ctx: Context, n: int, slices: int = 1) -> torch.Tensor | None:
         """The block's stored attention statistic for this site's `n` tokens: batched CFG halves
         averaged (for the entropy, that of the two halves' maps side by side, as the reference mixes
         them: ln 2 + the mean), the image or text part of a joint sequence taken where the site sees
-        only that part. None when there is none."""
+        only that part (of each of `slices` slices laid one after another: context parallelism). None
+        when there is none."""
         stat = ctx.state.get((self.score, ctx.state_branch, site.block))
         if stat is None:
             return None
@@ -353,6 +456,12 @@ class TokenwiseCache(CachingMethod):
         text = geo.text_tokens if geo is not None else 0
         if not text or (n != text if site.layout == "text" else length != n + text):
             return None
+        if slices > 1:  # each slice is [text, image] (or [image, text]) of its own
+            part = stat.reshape(stat.shape[0], slices, length // slices)
+            t = text // slices
+            own = (part[..., :t] if geo.text_first else part[..., -t:]) if site.layout == "text" else (
+                part[..., t:] if geo.text_first else part[..., :-t])
+            return own.reshape(stat.shape[0], -1)
         if site.layout == "text":  # a context feed-forward: the text part of the joint statistic
             return stat[:, :text] if geo.text_first else stat[:, -text:]
         return stat[:, text:] if geo.text_first else stat[:, :n]
