@@ -7,6 +7,7 @@ from typing import Any
 from diffaccel.pipelines import adapter_for
 
 from .api import _denoisers, installation
+from .parallel import context_parallel
 from .runtime import SiteHook
 
 DEFAULT_PLAN_STEPS = 50
@@ -82,8 +83,11 @@ def describe(pipe: Any, num_steps: int | None = None) -> Description:
             cache = dict(entries=0, bytes=0, peak_bytes=0) if tracker is None else dict(
                 entries=len(tracker.cache), bytes=tracker.cache_bytes(), peak_bytes=tracker.cache_peak_bytes)
         decisions = tracker.decisions if tracker is not None else {}
+        cp = context_parallel(model)
         out["denoisers"].append(dict(
             attr=attr, family=adapter.variant(), cfg_layout=adapter.cfg_layout, cache=cache,
+            context_parallel=None if cp is None else dict(processes=cp.ulysses_degree * cp.ring_degree,
+                                                          ulysses=cp.ulysses_degree, ring=cp.ring_degree),
             steps={s: dict(v) for s, v in sorted(decisions.items())},
             whole_blocks=st.skippable_blocks if st else [],
             last_call=None if last is None else dict(step=last.step, num_steps=last.num_steps, branch=last.branch,
@@ -116,6 +120,10 @@ def render_table(d: dict) -> str:
         lines.append(d["cost_model"]["summary"])
     for den in d["denoisers"]:
         lines.append(f"\n[{den['attr']}] {den['family']}  (CFG layout: {den['cfg_layout']})")
+        if den.get("context_parallel"):
+            cp = den["context_parallel"]
+            lines.append(f"context parallelism: {cp['processes']} processes (Ulysses {cp['ulysses']} x ring "
+                         f"{cp['ring']}); each holds a slice of the tokens: the token counts are this process's")
         if den.get("cache") is not None:
             c = den["cache"]
             lines.append(f"cache: {c['entries']} outputs held, {c['bytes'] / 2**20:.1f} MiB now; "

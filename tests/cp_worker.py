@@ -9,7 +9,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from diffaccel import accelerate_pipeline, remove_acceleration
+from diffaccel import accelerate_pipeline, describe, remove_acceleration
 from diffaccel.api import installation
 from diffaccel.testing import snapshot, tiny_case
 
@@ -69,6 +69,8 @@ def main() -> None:
         accelerate_pipeline(case.pipe, spec)
         out_cp = run(label)
         base_single = single["baseline_cfg" if label in GUIDED else "baseline"]
+        if label == "toca":
+            result["describe"] = str(describe(case.pipe))
         result["runs"][label] = {"max_diff": float((out_cp - single[label]).abs().max()),
                                  "acted": float((single[label] - base_single).abs().max()),
                                  "decisions": decisions(), "single_decisions": single_decisions[label]}

@@ -290,6 +290,7 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
         assert res["ring_todo"] and res["ring_todo"].startswith("todo, toca cannot run") and "ring attention" in \
             res["ring_todo"] and "these run: fora, taylorseer (" in res["ring_todo"]
         assert res["ring_fora"]  # caching does not depend on how attention exchanges the slices
+        assert "context parallelism: 2 processes (Ulysses 2 x ring 1)" in res["describe"]
         assert res["refused_at_call"] and "tome cannot run" in res["refused_at_call"]
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
     # every process measured the whole sequence's change: the same figures, not its own slice's
