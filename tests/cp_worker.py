@@ -98,7 +98,14 @@ def main() -> None:
     accelerate_pipeline(ringed.pipe, "fora")
     result["ring_fora"] = installation(ringed.pipe) is not None
 
-    # context parallelism enabled after the acceleration: refused at the first call
+    # context parallelism enabled after the acceleration: read at the next run's first call
+    after = tiny_case(family, seed=3)
+    accelerate_pipeline(after.pipe, RUNS["toca"])
+    alone = after.run(steps=STEPS, guidance=False)
+    after.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    result["enabled_after"] = float((after.run(steps=STEPS, guidance=False) - alone).abs().max())
+
+    # ... where a method cannot run there: refused at the first call
     later = tiny_case(family, seed=1)
     accelerate_pipeline(later.pipe, "tome")
     later.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))

@@ -292,6 +292,7 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
         assert res["ring_fora"]  # caching does not depend on how attention exchanges the slices
         assert "context parallelism: 2 processes (Ulysses 2 x ring 1)" in res["describe"]
         assert res["refused_at_call"] and "tome cannot run" in res["refused_at_call"]
+        assert res["enabled_after"] < 1e-5  # ToCa accelerated first, parallelism enabled after: as one process
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
     # every process measured the whole sequence's change: the same figures, not its own slice's
     for label in ("fora_adaptive", "todo_adaptive_cfg"):
