@@ -10,16 +10,17 @@ an id (given, or its position: 000000, 000001, ...) and its image is written as 
 (a video's frames as `frames/<id>/0000.png`, ...). `--batch-size N` puts up to N consecutive prompts of
 one size in one pipeline call (each with its own seed).
 
-Sharding and resuming: every process reads what earlier runs finished (the manifest parts in the output
-folder), all wait until every one has read, then accelerate's process state splits the unfinished
-prompts between them. Each process appends one JSON line per prompt to its own part
+Sharding and resuming: the main process reads what earlier runs finished (the manifest parts in the
+output folder) and broadcasts it with the run's number, then accelerate's process state splits the
+unfinished prompts between the processes. Each process appends one JSON line per prompt to its own part
 (`manifest.part-<process>.jsonl`), flushed and synced to disk before the next prompt starts, after the
-image is in place (written under a temporary name and renamed): a crash or a kill loses at most the
-prompts in flight, and a rerun with the same settings skips every prompt with a finished record whose
-files exist. A prompt that fails is recorded with its error, the others go on, and a rerun tries it
-again. At the end the main process merges the parts into `manifest.jsonl` (one record per prompt, in
-prompt order; written under a temporary name and renamed). `run.json` keeps the settings; a rerun
-with other settings into the same folder is refused (it would mix images of two settings).
+image is in place (written under a temporary name, synced and renamed): a crash or a kill loses at most
+the prompts in flight, and a rerun skips every prompt whose newest finished record (the one its files
+hold) is for the prompt as the file has it now and whose files exist. A prompt that fails is recorded
+with its error, the others go on, and a rerun tries it again. At the end the main process merges the
+parts into `manifest.jsonl` (one record per prompt of the file, in its order; written under a temporary
+name and renamed). `run.json` keeps the settings; a rerun with other settings into the same folder is
+refused (it would mix images of two settings).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def read_prompts(path: str | os.PathLike, seed: int = 0, size: tuple[int | None,
     if not lines:
         raise PromptFileError(f"--prompts {path}: no prompts (a text file with one prompt per line, or JSONL with "
                               "one object per line with a 'prompt')")
-    jsonl = path.suffix.lower() in (".jsonl", ".json") or lines[0][1].lstrip().startswith("{")
+    suffix = path.suffix.lower()
+    jsonl = suffix in (".jsonl", ".json") or (suffix != ".txt" and lines[0][1].lstrip().startswith("{"))
     prompts: list[Prompt] = []
     for index, (number, line) in enumerate(lines):
         where = f"--prompts {path} line {number}"
@@ -141,12 +143,14 @@ def read_prompts(path: str | os.PathLike, seed: int = 0, size: tuple[int | None,
         if negative is not None and not isinstance(negative, str):
             raise PromptFileError(f"{where}: 'negative_prompt' is a string, got {negative!r}")
         prompts.append(Prompt(index, number, ident, prompt, own_seed, *_size(obj, size, where), negative))
-    seen: dict[str, int] = {}
+    seen: dict[str, Prompt] = {}
     for p in prompts:
-        if p.id in seen:
-            raise PromptFileError(f"--prompts {path} line {p.line}: id {p.id!r} is also on line {seen[p.id]}; "
-                                  "ids are unique (they name the output files)")
-        seen[p.id] = p.line
+        other = seen.get(p.id.lower())  # (file names that differ in case only are one file on some systems)
+        if other is not None:
+            raise PromptFileError(f"--prompts {path} line {p.line}: id {p.id!r} is also on line {other.line}"
+                                  f"{' as ' + repr(other.id) if other.id != p.id else ''}; ids are unique, letter "
+                                  "case aside (they name the output files)")
+        seen[p.id.lower()] = p
     return prompts
 
 
@@ -168,44 +172,44 @@ def read_records(out: Path) -> list[dict]:
     return records
 
 
-def latest(records: list[dict], prompts: list[Prompt] | None = None) -> dict[str, dict]:
-    """Per prompt id, its record that counts: one made for the prompt as `prompts` has it now (the same
-    text, seed, size and negative prompt) over one made for what the id was before, then a finished one
-    over a failure, then the one read last (the parts are read in process order, not in time order)."""
-    now = {p.id: p.fields() for p in prompts or []}
-
-    def rank(r: dict) -> tuple[bool, bool]:
-        fields = now.get(r["id"])
-        return fields is None or all(r.get(k) == v for k, v in fields.items()), r.get("status") == "ok"
-
+def newest(records: list[dict], ok: bool = False) -> dict[str, dict]:
+    """Per prompt id, its newest record (the highest run; within a run an id has one record), or its
+    newest "ok" one: the record of what its files hold now (a later run overwrites them; a failure
+    writes none)."""
     out: dict[str, dict] = {}
     for r in records:
+        if ok and r.get("status") != "ok":
+            continue
         kept = out.get(r["id"])
-        if kept is None or rank(r) >= rank(kept):
+        if kept is None or r.get("run", 0) >= kept.get("run", 0):
             out[r["id"]] = r
     return out
 
 
-def finished(out: Path, prompts: list[Prompt]) -> set[str]:
-    """Ids of the prompts a run in `out` finished: an "ok" record for the same prompt, seed, size and
-    negative prompt, whose files are all there."""
-    kept = latest(read_records(out), prompts)
-    done = set()
+def _done(out: Path, p: Prompt, r: dict | None) -> bool:
+    """Whether `r`, the newest "ok" record of prompt `p`'s id, finished `p` as it is now: the same text,
+    seed, size and negative prompt, and its files there."""
+    return (r is not None and all(r.get(k) == v for k, v in p.fields().items()) and bool(r.get("files"))
+            and all((out / f).is_file() for f in r["files"]))
+
+
+def finished(out: Path, prompts: list[Prompt], records: list[dict] | None = None) -> set[str]:
+    """Ids of the prompts the runs in `out` finished."""
+    made = newest(read_records(out) if records is None else records, ok=True)
+    return {p.id for p in prompts if _done(out, p, made.get(p.id))}
+
+
+def merge(out: Path, prompts: list[Prompt]) -> list[dict]:
+    """Write `manifest.jsonl`: one record per prompt of the file that has one, in prompt order: the
+    record of its finished image where it has one, else its newest (a failure, or what the id was
+    before); atomically (a temporary file renamed over the old one). Returns the records."""
+    records = read_records(out)
+    made, last = newest(records, ok=True), newest(records)
+    rows = []
     for p in prompts:
-        r = kept.get(p.id)
-        if r is None or r.get("status") != "ok" or any(r.get(k) != v for k, v in p.fields().items()):
-            continue
-        if all((out / f).is_file() for f in r.get("files", [])) and r.get("files"):
-            done.add(p.id)
-    return done
-
-
-def merge(out: Path, prompts: list[Prompt] | None = None) -> list[dict]:
-    """Write `manifest.jsonl`: one record per prompt that has one (the one that counts), in prompt
-    order; atomically (a temporary file renamed over the old one). Returns the records."""
-    kept = latest(read_records(out), prompts)
-    order = {p.id: p.index for p in prompts} if prompts is not None else {}
-    rows = sorted(kept.values(), key=lambda r: (order.get(r["id"], r.get("index", 0)), r["id"]))
+        r = made.get(p.id) if _done(out, p, made.get(p.id)) else last.get(p.id)
+        if r is not None:
+            rows.append(r)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
@@ -244,7 +248,10 @@ def _save(image: Any, path: Path) -> None:
         image = Image.fromarray((array.clip(0, 1) * 255).round().astype("uint8") if array.dtype != np.uint8 else array)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+    with open(tmp, "wb") as f:  # on disk before its record is
+        image.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -274,7 +281,8 @@ def _state():
     machines without an accelerator), one otherwise."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.accelerator.is_available())
+    accelerator = getattr(torch, "accelerator", None)  # (torch >= 2.6)
+    return PartialState(cpu=not (accelerator.is_available() if accelerator else torch.cuda.is_available()))
 
 
 def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
@@ -331,7 +339,7 @@ def _check_run(out: Path, settings: dict) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
 
     from . import accelerate_pipeline
@@ -368,9 +376,16 @@ def generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise SystemExit(f"--out {args.out}: {e}") from None
     _check_run(out, settings)
-    done = finished(out, prompts)
-    state.wait_for_everyone()  # every process has read what is done before any writes
-    pending = [p for p in prompts if p.id not in done]  # the same list on every process
+    # The main process reads what earlier runs finished and tells every process: one list for all of them
+    # (several machines may see a shared folder differently), read before anyone writes
+    plan = [None, None]
+    if state.is_main_process:
+        records = read_records(out)
+        plan = [sorted(finished(out, prompts, records)), 1 + max((r.get("run", 0) for r in records), default=0)]
+    if state.num_processes > 1:
+        plan = broadcast_object_list(plan)
+    done, run = set(plan[0]), plan[1]
+    pending = [p for p in prompts if p.id not in done]
     torch.set_num_threads(args.threads) if args.threads else None
     pipe = None
     if pending:  # (a rerun with everything done only merges)
@@ -386,8 +401,10 @@ def generate(args: argparse.Namespace) -> int:
                 except (TypeError, ValueError, RuntimeError) as e:
                     raise SystemExit(f"the acceleration cannot run on this pipeline: {e}") from None
     if state.is_main_process and pending and not (out / "run.json").exists():  # (settings that ran)
-        (out / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "version": 1, "settings": settings},
-                                                 indent=1) + "\n", encoding="utf-8")
+        tmp = out / "run.json.tmp"
+        tmp.write_text(json.dumps({"format": RUN_FORMAT, "version": 1, "settings": settings}, indent=1) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, out / "run.json")
     part = out / PART.format(state.process_index)
     generated = failed = 0
     state.wait_for_everyone()  # the clock starts when every process has its pipeline
@@ -418,7 +435,7 @@ def generate(args: argparse.Namespace) -> int:
                 _append(part, {"id": p.id, "index": p.index, "line": p.line, **p.fields(), "steps": args.steps,
                                "guidance": args.guidance, "model": args.model, "dtype": args.dtype,
                                "acceleration": acceleration, **result, "seconds": round(seconds, 4),
-                               "batch": len(batch), "process": state.process_index,
+                               "batch": len(batch), "run": run, "process": state.process_index,
                                "num_processes": state.num_processes, "finished": when})
             generated += sum(r["status"] == "ok" for r in results)
             failed += sum(r["status"] == "failed" for r in results)
@@ -428,11 +445,11 @@ def generate(args: argparse.Namespace) -> int:
     counts = [(generated, failed, elapsed)]
     gathered = gather_object(counts) if state.num_processes > 1 else counts  # every process's, everywhere
     if state.is_main_process:
-        rows = merge(out, prompts)
+        merge(out, prompts)
         made = sum(g for g, _, _ in gathered)
         bad = sum(f for _, f, _ in gathered)
         wall = max(t for _, _, t in gathered)
-        ok = sum(r.get("status") == "ok" for r in rows)
+        ok = len(finished(out, prompts))
         rate = made / wall if wall > 0 else 0.0
         print(f"generated {made} image{'s' * (made != 1)} in {wall:.1f} s on {state.num_processes} "
               f"process{'es' * (state.num_processes != 1)}: {rate:.3f} images/s; {len(done)} finished before, "

@@ -59,17 +59,38 @@ def refusal_message(refused: list[tuple[str, str]], methods_running: list[str]) 
             f"{', '.join(methods_running)} (docs/scale.md)")
 
 
-def runs_under_context_parallelism(cp: Any) -> list[str]:
-    """The registered methods that run under the context parallelism `cp` at their defaults."""
+def runs_under_context_parallelism(cp: Any, compiled: bool = False) -> list[str]:
+    """The registered methods that run under the context parallelism `cp` at their defaults (in a
+    compiled denoiser: the caching methods that select no tokens)."""
     from .methods import available_methods, method_class
 
-    return [n for n in available_methods() if method_class(n)().context_parallel_refusal(cp) is None]
+    names = []
+    for n in available_methods():
+        try:
+            config = method_class(n)()
+        except (TypeError, ValueError):  # a registered method without defaults for every field
+            continue
+        if config.context_parallel_refusal(cp) is None and not (compiled and selects_tokens(config)):
+            names.append(n)
+    return names
 
 
 def ring(cp: Any) -> bool:
     """Whether `cp` passes keys and values around a ring (each attention call then sees one slice of
     them) rather than gathering the whole sequence per head group (Ulysses)."""
     return (getattr(cp, "ring_degree", 1) or 1) > 1
+
+
+def selects_tokens(config: Any) -> bool:
+    """Whether a method chooses or pools tokens (every method but the caching ones that keep whole
+    outputs)."""
+    return not config.caches or config.reduces_tokens
+
+
+def uneven(cp: Any) -> bool:
+    """Whether `cp` may give the processes slices of unequal length (diffusers' ulysses_anything /
+    ring_anything)."""
+    return bool(getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False))
 
 
 def gather_along(group: Any, t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -20,7 +20,14 @@ from diffaccel.pipelines import DENOISER_ATTRS, unwrap
 
 from .call import CacheEntry, CallRecord, Context, Plan, SiteCall, warn_once
 from .methods.base import MethodConfig
-from .parallel import context_parallel, group_of, refusal_message, refusals, runs_under_context_parallelism
+from .parallel import (
+    context_parallel,
+    group_of,
+    refusal_message,
+    refusals,
+    runs_under_context_parallelism,
+    selects_tokens,
+)
 from .sites import Site
 
 MAX_FRAMES = 64  # how far up the stack a denoiser call looks for the pipeline running it
@@ -444,7 +451,7 @@ class Tracker:
             state = self.state.setdefault(("branch", branch), {})
             ctx = Context(clock.run, clock.step, clock.num_steps, 0, branch, batched, self.adapter.cond_half, 0, None,
                           {}, self.block_inputs, state=state, notes=self.notes, warned=self.warned,
-                          step_key=self.step_key, state_branch="")
+                          step_key=self.step_key, state_branch="", group=self.group, world=self.world)
             frame.contexts[branch] = ctx
             frame.sites[branch] = {hook.site.index: hook.program(ctx) for hook in self.site_hooks}
             frame.blocks[branch] = {hook.name: hook.program(ctx) for hook in self.block_hooks}
@@ -557,9 +564,15 @@ class Tracker:
         self.world = cp._flattened_mesh.size() if cp is not None else 1
         if cp is None:
             return
-        refused = refusals(list(dict.fromkeys(m for h in self.site_hooks for m in h.methods)), cp)
+        placed = list(dict.fromkeys(m for h in self.site_hooks for m in h.methods))
+        refused = refusals(placed, cp)
+        compiled = self.compiled()
+        if compiled:  # (token selections made before the step, per slice: not done)
+            refused += [(m.name, "under torch.compile, its token selections are not done with context parallelism "
+                         "(an eager denoiser runs it)") for m in placed if selects_tokens(m)
+                        if m.name not in dict(refused)]
         if refused:
-            raise RuntimeError(refusal_message(refused, runs_under_context_parallelism(cp)) + "; call "
+            raise RuntimeError(refusal_message(refused, runs_under_context_parallelism(cp, compiled)) + "; call "
                                "remove_acceleration(pipe) and accelerate it with one of those")
 
     def post_hook(self, module, args, kwargs, output):

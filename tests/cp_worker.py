@@ -98,6 +98,30 @@ def main() -> None:
     accelerate_pipeline(ringed.pipe, "fora")
     result["ring_fora"] = installation(ringed.pipe) is not None
 
+    # slices of unequal length (ulysses_anything): the token methods are refused, caching is not
+    anything = tiny_case(family, seed=4)
+    anything.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world,
+                                                                              ulysses_anything=True))
+    result["uneven"] = {}
+    for name in ("todo", "toca", "duca", "fora"):
+        try:
+            accelerate_pipeline(anything.pipe, name)
+            remove_acceleration(anything.pipe)
+            result["uneven"][name] = None
+        except ValueError as e:
+            result["uneven"][name] = str(e)
+
+    # a compiled denoiser: token selections under context parallelism refused before the first step
+    compiled = tiny_case(family, seed=5)
+    compiled.pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    accelerate_pipeline(compiled.pipe, [{"method": "todo", "factor": 2}, "fora"])
+    compiled.pipe.transformer.compile()
+    try:
+        compiled.run(steps=STEPS, guidance=False)
+        result["compiled"] = None
+    except RuntimeError as e:
+        result["compiled"] = str(e)
+
     # context parallelism enabled after the acceleration: read at the next run's first call
     after = tiny_case(family, seed=3)
     accelerate_pipeline(after.pipe, RUNS["toca"])

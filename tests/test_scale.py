@@ -67,6 +67,12 @@ def _pixels(path: Path) -> np.ndarray:
 # -- the prompt file -------------------------------------------------------------------------------------
 
 
+def test_a_txt_file_is_text_even_when_a_line_starts_with_a_brace(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("{curly} braces in a prompt\n")
+    assert [p.prompt for p in read_prompts(path)] == ["{curly} braces in a prompt"]
+
+
 def test_text_and_jsonl_prompts(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("a red circle\n\n  a blue square  \n")
@@ -91,6 +97,8 @@ BAD_FILES = {
     "size": ('{"prompt": "a", "size": [64]}\n', "'size' is an int or [height, width]"),
     "size and height": ('{"prompt": "a", "size": 64, "height": 32}\n', "give 'size' or 'height'/'width'"),
     "duplicate id": ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "line 2: id 'x' is also on line 1"),
+    "ids alike but for case": ('{"prompt": "a", "id": "Cat"}\n{"prompt": "b", "id": "cat"}\n',
+                               "line 2: id 'cat' is also on line 1 as 'Cat'"),
     "id": ('{"prompt": "a", "id": "../x"}\n', "'id' names the output files"),
     "not an object": ('{"prompt": "a"}\n[1, 2]\n', "line 2: each line is a JSON object"),
 }
@@ -291,6 +299,11 @@ def test_methods_under_diffusers_context_parallelism(tmp_path, family):
             res["ring_todo"] and "these run: fora, taylorseer (" in res["ring_todo"]
         assert res["ring_fora"]  # caching does not depend on how attention exchanges the slices
         assert "context parallelism: 2 processes (Ulysses 2 x ring 1)" in res["describe"]
+        uneven = res["uneven"]
+        assert uneven["fora"] is None and all("unequal length" in uneven[n] for n in ("todo", "toca", "duca"))
+        assert res["compiled"] and res["compiled"].startswith("todo cannot run") and "torch.compile" in res["compiled"]
+        assert "fora" not in res["compiled"].split(". Under")[0]  # caching runs compiled
+        assert "these run: fora, taylorseer (" in res["compiled"]
         assert res["refused_at_call"] and "tome cannot run" in res["refused_at_call"]
         assert res["enabled_after"] < 1e-5  # ToCa accelerated first, parallelism enabled after: as one process
         assert "remove_acceleration(pipe)" in res["refused_at_call"]
@@ -392,13 +405,55 @@ def test_batches_group_prompts_of_one_size_and_a_failed_call_is_retried_one_by_o
     assert diff.max() <= 2, diff.max()
 
 
+def test_a_rerun_with_earlier_settings_regenerates_what_a_later_run_overwrote(tmp_path, capsys):
+    """Seeds are per prompt, not settings of the folder: run with seed 0, then 1, then 0 again. The files
+    hold the seed-1 images after the second run, so the third regenerates them, and the manifest lists
+    what the files hold."""
+    prompts, out = _prompts(tmp_path, 2), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--seed", "0", "--out", str(out)]) == 0
+    first = [_pixels(out / f"images/{i:06d}.png") for i in range(2)]
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--seed", "1", "--out", str(out)]) == 0
+    assert not np.array_equal(_pixels(out / "images/000000.png"), first[0])
+    capsys.readouterr()
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--seed", "0", "--out", str(out)]) == 0
+    assert "generated 2 images" in capsys.readouterr().out
+    assert all(np.array_equal(_pixels(out / f"images/{i:06d}.png"), first[i]) for i in range(2))
+    assert [(r["seed"], r["run"]) for r in _manifest(out)] == [(0, 3), (1, 3)]
+
+
+def test_a_newer_failure_is_what_the_manifest_lists(tmp_path, monkeypatch):
+    """An image deleted to be made again, and the new attempt fails: the manifest lists the failure, not
+    the old record of a file that is gone, and the prompt does not count as done."""
+    prompts, out = _prompts(tmp_path, 2), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    (out / "images/000001.png").unlink()
+    from diffaccel import generate as gen
+
+    def broken(pipe, batch, steps, guidance):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(gen, "_call_kwargs", broken)
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 1
+    assert [r["status"] for r in _manifest(out)] == ["ok", "failed"]
+    assert gen.finished(out, read_prompts(prompts, size=(64, 64))) == {"000000"}
+
+
+def test_the_manifest_lists_the_prompts_of_the_file(tmp_path):
+    prompts, out = _prompts(tmp_path, 3), tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
+    fewer = tmp_path / "two.txt"
+    fewer.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
+    assert main(["generate", "--prompts", str(fewer), *GEN, "--out", str(out)]) == 0
+    assert [r["id"] for r in _manifest(out)] == ["000000", "000001"]
+
+
 def test_a_record_of_what_an_id_was_before_does_not_count(tmp_path, capsys):
     """Parts are read in process order, not in time order: an older record of another process for an id
     whose prompt has changed since must not win over the record of the prompt as it is now."""
     prompts, out = _prompts(tmp_path, 2), tmp_path / "out"
     assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0
     first = _manifest(out)[0]
-    stale = dict(first, prompt="what line 1 said before", process=1)
+    stale = dict(first, prompt="what line 1 said before", process=1, run=0)
     (out / "manifest.part-00001.jsonl").write_text(json.dumps(stale) + "\n")
     capsys.readouterr()
     assert main(["generate", "--prompts", str(prompts), *GEN, "--out", str(out)]) == 0

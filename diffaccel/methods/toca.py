@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..call import CacheEntry, Context, Plan, SiteCall
 from ..kernels import gather_tokens, scatter_tokens
-from ..parallel import gather_along, rank_in, ring
+from ..parallel import gather_along, rank_in, ring, uneven
 from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows, slice_order
@@ -112,6 +112,8 @@ class TokenwiseCache(CachingMethod):
         if cp is not None and ring(cp):
             return ("its fresh tokens under ring attention are not done (the attention statistics it scores with "
                     "see one slice of the keys at a time; ring attention does not run here on the CPU to test it)")
+        if cp is not None and uneven(cp):
+            return "slices of unequal length (ulysses_anything) are not done: it runs on equal slices"
         if self.score == "entropy":
             return ("its 'entropy' score is not done under context parallelism (the other scores are: 'change', "
                     "'vnorm', 'random', 'attention')")
