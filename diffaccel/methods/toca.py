@@ -295,17 +295,8 @@ class TokenwiseCache(CachingMethod):
         stale = entry.extra["staleness"]
         # the feed-forward sub-layers of one block that see the same tokens share one fresh set
         shared = ("fresh", site.block, site.layout, n, k if size is None else "k") if site.kind == "ff" else None
-        picked = ctx.shared.get(shared) if shared else None
         rows = cfg_rows(x, ctx)
-        if picked is None:
-            score = self.primary_score(site, ctx, entry, rows)
-            if self.staleness_weight:
-                score = score + (self.staleness_weight / self.interval) * stale
-            if self.cell and self.cell_weight:
-                score = score + self.cell_bonus(site, ctx, score)
-            picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B', k)
-            if shared:
-                ctx.shared[shared] = picked
+        picked = self._pick(site, ctx, entry, rows, k, shared)
         if "input" in entry.extra:
             scatter_tokens(entry.extra["input"], picked, gather_tokens(rows, picked))
         stale.add_(1).scatter_(1, picked, 0)
@@ -322,6 +313,24 @@ class TokenwiseCache(CachingMethod):
             call.restores.append(self._forecast_restore(ctx, params, entry, idx))
         self._probe(site, ctx, call, idx)
 
+    def _pick(self, site: Site, ctx: Context, entry: CacheEntry, rows: torch.Tensor, k: int, shared: tuple | None,
+              sliced: bool = False) -> torch.Tensor:
+        """The `k` fresh tokens (B', k), in order: the highest score + staleness bonus + cell bonus, or
+        the set a feed-forward sub-layer of the block that sees the same tokens picked (`shared`).
+        sliced: of the whole sequence under context parallelism (`_refresh_slice`)."""
+        picked = ctx.shared.get(shared) if shared else None
+        if picked is not None:
+            return picked
+        score = self.slice_score(site, ctx, entry, rows) if sliced else self.primary_score(site, ctx, entry, rows)
+        if self.staleness_weight:
+            score = score + (self.staleness_weight / self.interval) * entry.extra["staleness"]
+        if self.cell and self.cell_weight:
+            score = score + (self.slice_cell_bonus if sliced else self.cell_bonus)(site, ctx, score)
+        picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+        if shared:
+            ctx.shared[shared] = picked
+        return picked
+
     def _refresh_slice(self, site: Site, ctx: Context, params: dict, entry: CacheEntry, call: SiteCall) -> None:
         """`refresh` under context parallelism (Ulysses), where this call holds slice `rank` of `world`
         equal slices of the sequence: every process scores the whole sequence (in the slices' order: the
@@ -334,17 +343,8 @@ class TokenwiseCache(CachingMethod):
         k = self.fresh_count(site, ctx, params, total)
         stale = entry.extra["staleness"]
         shared = ("fresh", site.block, site.layout, n, k) if site.kind == "ff" else None
-        picked = ctx.shared.get(shared) if shared else None
         rows = cfg_rows(x, ctx)
-        if picked is None:
-            score = self.slice_score(site, ctx, entry, rows)
-            if self.staleness_weight:
-                score = score + (self.staleness_weight / self.interval) * stale
-            if self.cell and self.cell_weight:
-                score = score + self.slice_cell_bonus(site, ctx, score)
-            picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B', k), whole sequence
-            if shared:
-                ctx.shared[shared] = picked
+        picked = self._pick(site, ctx, entry, rows, k, shared, sliced=True)  # (B', k), whole sequence
         stale.add_(1).scatter_(1, picked, 0)
         lo = rank_in(ctx.group) * n
         ranks = torch.div(picked, n, rounding_mode="floor")  # (B', k): the process each pick is in
