@@ -199,21 +199,24 @@ def finished(out: Path, prompts: list[Prompt], records: list[dict] | None = None
     return {p.id for p in prompts if _done(out, p, made.get(p.id))}
 
 
-def merge(out: Path, prompts: list[Prompt]) -> list[dict]:
+def merge(out: Path, prompts: list[Prompt]) -> tuple[list[dict], set[str]]:
     """Write `manifest.jsonl`: one record per prompt of the file that has one, in prompt order: the
     record of its finished image where it has one, else its newest (a failure, or what the id was
-    before); atomically (a temporary file renamed over the old one). Returns the records."""
+    before); atomically (a temporary file renamed over the old one). Returns the records and the ids
+    of the prompts finished."""
     records = read_records(out)
     made, last = newest(records, ok=True), newest(records)
-    rows = []
+    rows, done = [], set()
     for p in prompts:
-        r = made.get(p.id) if _done(out, p, made.get(p.id)) else last.get(p.id)
+        if _done(out, p, made.get(p.id)):
+            done.add(p.id)
+        r = made[p.id] if p.id in done else last.get(p.id)
         if r is not None:
             rows.append(r)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
-    return rows
+    return rows, done
 
 
 def _append(path: Path, record: dict) -> None:
@@ -302,6 +305,8 @@ def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
 def _call_kwargs(pipe: Any, batch: list[Prompt], steps: int | None, guidance: float | None) -> dict:
     import inspect
 
+    from .reference.evaluate import call_kwargs
+
     params = inspect.signature(pipe.__call__).parameters
     p = batch[0]
     kwargs: dict[str, Any] = {"prompt": [q.prompt for q in batch],
@@ -316,8 +321,7 @@ def _call_kwargs(pipe: Any, batch: list[Prompt], steps: int | None, guidance: fl
         if "negative_prompt" not in params:
             raise ValueError(f"{type(pipe).__name__} takes no negative prompt")
         kwargs["negative_prompt"] = [q.negative_prompt for q in batch]
-    if "clean_caption" in params:  # PixArt: its cleaning needs bs4/ftfy, and cleans nothing without them
-        kwargs["clean_caption"] = False
+    kwargs.update(call_kwargs(pipe))  # (PixArt: clean_caption=False)
     if "output_type" in params:
         kwargs["output_type"] = "pil"
     return kwargs
@@ -445,11 +449,11 @@ def generate(args: argparse.Namespace) -> int:
     counts = [(generated, failed, elapsed)]
     gathered = gather_object(counts) if state.num_processes > 1 else counts  # every process's, everywhere
     if state.is_main_process:
-        merge(out, prompts)
+        _, complete = merge(out, prompts)
         made = sum(g for g, _, _ in gathered)
         bad = sum(f for _, f, _ in gathered)
         wall = max(t for _, _, t in gathered)
-        ok = len(finished(out, prompts))
+        ok = len(complete)
         rate = made / wall if wall > 0 else 0.0
         print(f"generated {made} image{'s' * (made != 1)} in {wall:.1f} s on {state.num_processes} "
               f"process{'es' * (state.num_processes != 1)}: {rate:.3f} images/s; {len(done)} finished before, "

@@ -87,10 +87,12 @@ def selects_tokens(config: Any) -> bool:
     return not config.caches or config.reduces_tokens
 
 
-def uneven(cp: Any) -> bool:
-    """Whether `cp` may give the processes slices of unequal length (diffusers' ulysses_anything /
-    ring_anything)."""
-    return bool(getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False))
+def unequal_slices(cp: Any) -> str | None:
+    """Why a method built on equal slices refuses `cp`, where it may give the processes slices of unequal
+    length (diffusers' ulysses_anything / ring_anything); else None."""
+    if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
+        return "slices of unequal length (ulysses_anything / ring_anything) are not done: it runs on equal slices"
+    return None
 
 
 def gather_along(group: Any, t: torch.Tensor, dim: int) -> torch.Tensor:

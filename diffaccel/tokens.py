@@ -245,11 +245,15 @@ def rope_seq_dim(t: torch.Tensor) -> int:
     return 0 if t.ndim == 2 else 1
 
 
-def slice_order(span: ImageSpan, slices: int, device: torch.device | None = None) -> torch.Tensor:
-    """Where the tokens of a [text, image] (or [image, text]) sequence stand once `slices` equal slices
-    of it, each laid out as the whole is, are put one after another (what the processes of context
-    parallelism hold, and what Ulysses attention gathers): position i of the result is where the
-    sequence's token i stands there."""
+def slice_order(span: ImageSpan, slices: int, length: int,
+                device: torch.device | None = None) -> torch.Tensor | None:
+    """Where the tokens of a sequence of `length` tokens laid out as `span` says ([text, image] or
+    [image, text], or image tokens only) stand once `slices` equal slices of it, each laid out as the
+    whole is, are put one after another (what the processes of context parallelism hold, and what
+    Ulysses attention gathers): position i of the result is where the sequence's token i stands there.
+    None where that is the sequence's own order (one slice, or image tokens only)."""
+    if slices == 1 or length == span.n:
+        return None
     text, img = span.text // slices, span.n // slices
     first, second = (text, img) if span.text_first else (img, text)
     part = torch.arange(slices, device=device) * (first + second)
@@ -275,12 +279,6 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
         self.slices = slices
         self.hits = 0
         self.keys = 0
-
-    def _order(self, length: int, device: torch.device) -> torch.Tensor | None:
-        """Positions in gathered slices of the sequence's tokens, in its own order (None: already in it)."""
-        if self.slices == 1 or length == self.span.n:
-            return None
-        return slice_order(self.span, self.slices, device)
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         b, heads, n, d = t.shape
@@ -316,7 +314,7 @@ class PooledAttention(torch.overrides.TorchFunctionMode):
             mask = values[3] if len(values) > 3 else None
             length = k.shape[-2]
             if k.ndim == 4 and q.shape[-2] == length and self.span.start(length) is not None:
-                order = self._order(length, k.device)
+                order = slice_order(self.span, self.slices, length, k.device)
                 if order is not None:
                     k, v = k.index_select(2, order), v.index_select(2, order)
                     mask = mask.index_select(-1, order) if mask is not None and mask.shape[-1] == length else mask

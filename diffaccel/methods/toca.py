@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..call import CacheEntry, Context, Plan, SiteCall
 from ..kernels import gather_tokens, scatter_tokens
-from ..parallel import gather_along, rank_in, ring, uneven
+from ..parallel import gather_along, rank_in, ring, unequal_slices
 from ..policy import Policy, Rule, Selector, progress_of
 from ..sites import Site
 from ..tokens import AttentionProbe, expand_rows, slice_order
@@ -112,8 +112,8 @@ class TokenwiseCache(CachingMethod):
         if cp is not None and ring(cp):
             return ("its fresh tokens under ring attention are not done (the attention statistics it scores with "
                     "see one slice of the keys at a time; ring attention does not run here on the CPU to test it)")
-        if cp is not None and uneven(cp):
-            return "slices of unequal length (ulysses_anything) are not done: it runs on equal slices"
+        if cp is not None and (why := unequal_slices(cp)):
+            return why
         if self.score == "entropy":
             return ("its 'entropy' score is not done under context parallelism (the other scores are: 'change', "
                     "'vnorm', 'random', 'attention')")
@@ -346,11 +346,11 @@ class TokenwiseCache(CachingMethod):
         rows = cfg_rows(x, ctx)
         picked = self._pick(site, ctx, entry, rows, k, shared, sliced=True)  # (B', k), whole sequence
         stale.add_(1).scatter_(1, picked, 0)
-        lo = rank_in(ctx.group) * n
+        rank = rank_in(ctx.group)
         ranks = torch.div(picked, n, rounding_mode="floor")  # (B', k): the process each pick is in
         most = int(torch.nn.functional.one_hot(ranks, world).sum(dim=1).max())  # over rows and processes
         here = torch.zeros(rows.shape[0], n + 1, dtype=torch.bool, device=x.device)
-        here.scatter_(1, torch.where(ranks == lo // n, picked - lo, n), True)
+        here.scatter_(1, torch.where(ranks == rank, picked - rank * n, n), True)
         here = here[:, :n]
         # this slice's picks first (in order), then the tokens it does not pick (padding)
         positions = torch.arange(n, device=x.device)
@@ -389,19 +389,24 @@ class TokenwiseCache(CachingMethod):
                                     f"{PROBES[self.score][1]} does not call scaled_dot_product_attention, or "
                                     f"there is none): random tokens")
         draws = BlockRandom(self.seed, ctx, site).rand((rows.shape[0], total)).to(rows.device)  # the sequence's order
-        span = image_span(site, ctx, total)
-        if span is None or not span.text or total == span.n:
+        order = self._slice_order(site, ctx, total, draws.device)
+        if order is None:
             return draws
         out = torch.empty_like(draws)
-        out[:, slice_order(span, ctx.world, draws.device)] = draws
+        out[:, order] = draws
         return out
+
+    @staticmethod
+    def _slice_order(site: Site, ctx: Context, total: int, device: torch.device) -> torch.Tensor | None:
+        """`slice_order` of this site's sequence of `total` tokens (None: the slices' order is its own)."""
+        span = image_span(site, ctx, total)
+        return None if span is None else slice_order(span, ctx.world, total, device)
 
     def slice_cell_bonus(self, site: Site, ctx: Context, score: torch.Tensor) -> torch.Tensor:
         """`cell_bonus` of a score in the slices' order: taken in the sequence's own order and put back."""
-        span = image_span(site, ctx, score.shape[1])
-        if span is None or not span.text or score.shape[1] == span.n:
+        order = self._slice_order(site, ctx, score.shape[1], score.device)
+        if order is None:
             return self.cell_bonus(site, ctx, score)  # image tokens only: the slices' order is the image's
-        order = slice_order(span, ctx.world, score.device)
         bonus = torch.empty_like(score)
         bonus[:, order] = self.cell_bonus(site, ctx, score[:, order])
         return bonus

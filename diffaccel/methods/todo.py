@@ -23,7 +23,7 @@ from typing import Any
 
 from ..call import CallRecord, Context, SiteCall
 from ..cost import pooling_estimate
-from ..parallel import ring, uneven
+from ..parallel import ring, unequal_slices
 from ..policy import Policy, Rule, Selector, Window
 from ..sites import Site
 from ..tokens import POOL_MODES, PooledAttention, pool_tokens
@@ -132,8 +132,8 @@ class ToDoConfig(TokenMethod):
         if cp is not None and ring(cp):
             return ("it pools the whole sequence's keys and values, and ring attention hands each attention call "
                     "one process's slice of them (Ulysses gathers the whole sequence: ToDo runs there)")
-        if cp is not None and uneven(cp):
-            return "slices of unequal length (ulysses_anything) are not done: ToDo runs on equal slices"
+        if cp is not None and (why := unequal_slices(cp)):
+            return why
         return None
 
     def frames_factor(self, frames: int, span: int = 1) -> float:
